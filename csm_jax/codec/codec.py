@@ -1,0 +1,247 @@
+"""Public codec API: `load_codec(path)` -> `MimiCodec` with offline encode/decode and batched streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from csm_jax import checkpoint
+from csm_jax.checkpoint import CheckpointError
+from csm_jax.codec.config import MimiConfig
+from csm_jax.codec.layers import State
+from csm_jax.codec.mimi import Mimi
+from csm_jax.codec.weights import abstract_params, convert, detect_format
+
+CHECKPOINT_KIND = "mimi"
+
+
+class MimiCodec:
+    """Mimi: float32 audio [B, N] at 24 kHz <-> int32 codes [B, K, T] at 12.5 Hz (K <= 32 RVQ codebooks).
+
+    `num_codebooks` is how many codebooks `encode` emits (1 semantic + num_codebooks-1 acoustic); `decode`
+    accepts any K in 1..config.num_quantizers.
+    """
+
+    def __init__(self, params: Any, config: MimiConfig, num_codebooks: int | None = None):
+        self.config = config
+        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        self.num_codebooks = config.num_quantizers if num_codebooks is None else num_codebooks
+        if not 1 <= self.num_codebooks <= config.num_quantizers:
+            raise ValueError(f"num_codebooks must be in 1..{config.num_quantizers}, got {self.num_codebooks}")
+        self.module = Mimi(config)
+        self._encode = jax.jit(
+            lambda p, audio, k: self.module.apply({"params": p}, audio, k, method=Mimi.encode), static_argnums=2
+        )
+        self._decode = jax.jit(lambda p, codes: self.module.apply({"params": p}, codes, method=Mimi.decode))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per codec frame (1920 = 80 ms at 24 kHz)."""
+        return self.config.frame_size
+
+    @property
+    def frame_rate(self) -> float:
+        return self.config.frame_rate
+
+    def num_frames(self, num_samples: int) -> int:
+        return -(-num_samples // self.frame_size)
+
+    def encode(self, audio: Any) -> jax.Array:
+        """audio float32 [B, N] (or [N]) at `sample_rate` -> int32 codes [B, K, ceil(N / frame_size)]."""
+        audio = _check_audio(audio, batch_ndim=2)
+        return self._encode(self.params, audio, self.num_codebooks)
+
+    def decode(self, codes: Any) -> jax.Array:
+        """codes int [B, K, T] -> float32 audio [B, frame_size * T]."""
+        codes = _check_codes(codes, self.config, ndim=3)
+        return self._decode(self.params, codes)
+
+    def stream_encoder(self, batch_size: int = 1) -> "StreamEncoder":
+        return StreamEncoder(self, batch_size)
+
+    def stream_decoder(self, batch_size: int = 1) -> "StreamDecoder":
+        return StreamDecoder(self, batch_size)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a converted orbax checkpoint that `load_codec` reads back."""
+        return checkpoint.save(path, self.params, CHECKPOINT_KIND, self.config.to_dict())
+
+
+class _Stream:
+    """B independent streams advanced together; `state` is an explicit pytree, each step one jitted call."""
+
+    def __init__(self, codec: MimiCodec, batch_size: int, init: Any, step: Any):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.codec, self.batch_size = codec, batch_size
+        self._init = jax.jit(lambda p: codec.module.apply({"params": p}, batch_size, method=init))
+        self._step = jax.jit(step, donate_argnums=2)
+        self.state: State = self._init(codec.params)
+
+    def reset(self, mask: Any = None) -> None:
+        """Restart all streams, or only those where bool mask [B] is True."""
+        fresh = self._init(self.codec.params)
+        if mask is None:
+            self.state = fresh
+            return
+        mask = jnp.asarray(mask, jnp.bool_)
+        if mask.shape != (self.batch_size,):
+            raise ValueError(f"mask must have shape ({self.batch_size},), got {mask.shape}")
+        self.state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old), fresh, self.state
+        )
+
+
+class StreamEncoder(_Stream):
+    """`step(audio float32 [B, frame_size]) -> int32 codes [B, K]`; equals offline encode on whole frames."""
+
+    def __init__(self, codec: MimiCodec, batch_size: int):
+        k = codec.num_codebooks
+        step = lambda p, audio, state: codec.module.apply(  # noqa: E731
+            {"params": p}, audio, state, k, method=Mimi.encode_step
+        )
+        super().__init__(codec, batch_size, Mimi.init_encoder_state, step)
+
+    def step(self, audio: Any) -> jax.Array:
+        audio = _check_audio(audio, batch_ndim=2, shape=(self.batch_size, self.codec.frame_size))
+        codes, self.state = self._step(self.codec.params, audio, self.state)
+        return codes
+
+
+class StreamDecoder(_Stream):
+    """`step(codes int [B, K]) -> float32 audio [B, frame_size]`; equals offline decode frame by frame."""
+
+    def __init__(self, codec: MimiCodec, batch_size: int):
+        step = lambda p, codes, state: codec.module.apply({"params": p}, codes, state, method=Mimi.decode_step)  # noqa: E731
+        super().__init__(codec, batch_size, Mimi.init_decoder_state, step)
+
+    def step(self, codes: Any) -> jax.Array:
+        codes = _check_codes(codes, self.codec.config, ndim=2)
+        if codes.shape[0] != self.batch_size:
+            raise ValueError(f"expected codes for {self.batch_size} streams, got shape {codes.shape}")
+        audio, self.state = self._step(self.codec.params, codes, self.state)
+        return audio
+
+
+def _check_audio(audio: Any, batch_ndim: int, shape: tuple[int, ...] | None = None) -> jax.Array:
+    arr = audio if isinstance(audio, jax.Array) else np.asarray(audio)
+    if not (jnp.issubdtype(arr.dtype, jnp.floating)):
+        raise TypeError(f"audio must be a float array, got dtype {arr.dtype}")
+    if arr.ndim == 1 and shape is None:
+        arr = arr[None]
+    if arr.ndim != batch_ndim or (shape is not None and tuple(arr.shape) != shape):
+        want = list(shape) if shape is not None else "[B, N] or [N]"
+        raise ValueError(f"audio must have shape {want}, got {list(arr.shape)}")
+    if arr.shape[-1] == 0:
+        raise ValueError("audio is empty (0 samples)")
+    if not bool(jnp.all(jnp.isfinite(arr))):
+        raise ValueError("audio contains NaN or infinite samples")
+    return jnp.asarray(arr, jnp.float32)
+
+
+def _check_codes(codes: Any, cfg: MimiConfig, ndim: int) -> jax.Array:
+    arr = codes if isinstance(codes, jax.Array) else np.asarray(codes)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"codes must be an integer array, got dtype {arr.dtype}")
+    layout = "[B, K, T]" if ndim == 3 else "[B, K]"
+    if arr.ndim != ndim:
+        raise ValueError(f"codes must have shape {layout}, got {list(arr.shape)}")
+    k = arr.shape[1]
+    if not 1 <= k <= cfg.num_quantizers:
+        raise ValueError(f"codes have {k} codebooks; this codec has 1..{cfg.num_quantizers}")
+    if ndim == 3 and arr.shape[2] == 0:
+        raise ValueError("codes are empty (0 frames)")
+    lo, hi = int(jnp.min(arr)), int(jnp.max(arr))
+    if lo < 0 or hi >= cfg.codebook_size:
+        raise ValueError(f"codes must be in [0, {cfg.codebook_size}), got values in [{lo}, {hi}]")
+    return jnp.asarray(arr, jnp.int32)
+
+
+def read_safetensors(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file whose key starts with `prefix` (stripped), as numpy arrays."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def _config_arg(config: MimiConfig | dict[str, Any] | None) -> MimiConfig | None:
+    if config is None or isinstance(config, MimiConfig):
+        return config
+    return MimiConfig.from_hf(config) if "model_type" in config else MimiConfig.from_dict(config)
+
+
+def load_codec(
+    path: str | Path,
+    *,
+    num_codebooks: int | None = None,
+    config: MimiConfig | dict[str, Any] | None = None,
+    dtype: str | None = None,
+) -> MimiCodec:
+    """Load Mimi from any of:
+
+    - a transformers Mimi directory (`config.json` + `model.safetensors`), or a transformers CSM directory whose
+      codec weights sit under `codec_model.`;
+    - a moshi-format `.safetensors` file (`encoder.model.0.conv.conv.weight`, ...); the architecture is the
+      official one unless `config` (a MimiConfig, a `to_dict()` dict, or a transformers config dict) says otherwise;
+    - a converted orbax directory written by `MimiCodec.save` / `python -m csm_jax.codec convert`.
+
+    `dtype` overrides the compute dtype ("float32" default, "bfloat16"); parameters stay float32.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    cfg = _config_arg(config)
+    if path.is_dir() and checkpoint.is_converted(path):
+        meta = checkpoint.read_meta(path, CHECKPOINT_KIND)
+        cfg = cfg or MimiConfig.from_dict(meta["config"])
+        params = checkpoint.restore(path, abstract_params(cfg))
+    else:
+        params, cfg = _load_safetensors(path, cfg)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    return MimiCodec(params, cfg, num_codebooks)
+
+
+def _load_safetensors(path: Path, cfg: MimiConfig | None) -> tuple[Any, MimiConfig]:
+    prefix = ""
+    if path.is_dir():
+        weights, config_file = path / "model.safetensors", path / "config.json"
+        if not weights.is_file():
+            raise CheckpointError(f"{path} has no model.safetensors and no {checkpoint.META_FILE}")
+        if cfg is None:
+            try:
+                hf = json.loads(config_file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"cannot read {config_file}: {e}") from e
+            if hf.get("model_type") == "csm":
+                hf, prefix = hf.get("codec_config") or {}, "codec_model."
+            try:
+                cfg = MimiConfig.from_hf(hf)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{config_file}: {e}") from e
+        elif _has_prefix(weights, "codec_model."):
+            prefix = "codec_model."
+        path = weights
+    tensors = read_safetensors(path, prefix)
+    fmt = detect_format(set(tensors))
+    return convert(tensors, cfg or MimiConfig(), fmt, str(path)), cfg or MimiConfig()
+
+
+def _has_prefix(path: Path, prefix: str) -> bool:
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return any(k.startswith(prefix) for k in f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
