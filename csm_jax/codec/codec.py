@@ -40,6 +40,14 @@ class MimiCodec:
         )
         self._decode = jax.jit(lambda p, codes: self.module.apply({"params": p}, codes, method=Mimi.decode))
 
+    @classmethod
+    def random(cls, config: MimiConfig | None = None, seed: int = 0, num_codebooks: int | None = None) -> "MimiCodec":
+        """A codec with seeded random weights (codebooks ~ N(0, 1)), for demos, tests and benchmarks."""
+        config = config or MimiConfig()
+        frame = jnp.zeros((1, config.frame_size), jnp.float32)
+        params = jax.jit(lambda key: Mimi(config).init(key, frame)["params"])(jax.random.key(seed))
+        return cls(params, config, num_codebooks)
+
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate

@@ -118,13 +118,15 @@ class CausalConvTranspose1d(nn.Module):
         b, t, c_in = x.shape
         g = self.groups
         kernel = self.kernel
-        xg = x.astype(self.dtype).reshape(b, t, g, c_in // g)
-        kg = kernel.astype(self.dtype).reshape(g, c_in // g, self.kernel_size, self.features // g)
-        if c_in // g == 1:  # depthwise: a broadcast multiply, no contraction needed
-            z = xg[:, :, None, :, 0, None] * jnp.moveaxis(kg[:, 0], 0, 1)[None, None]
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if g == 1:  # one [B*T, C_in] x [C_in, k*C_out] matmul; the kernel is used in its stored layout
+            z = (x @ kernel.reshape(c_in, -1)).reshape(b, t, self.kernel_size, self.features)
+        elif g == c_in == self.features:  # depthwise: a broadcast multiply
+            z = x[:, :, None, :] * kernel[:, :, 0].T[None, None]
         else:
-            z = jnp.einsum("btgi,gikj->btkgj", xg, kg)
-        z = z.reshape(b, t, self.kernel_size, self.features)  # [B, T, k, C_out]
+            xg = x.reshape(b, t, g, c_in // g)
+            kg = kernel.reshape(g, c_in // g, self.kernel_size, self.features // g)
+            z = jnp.einsum("btgi,gikj->btkgj", xg, kg).reshape(b, t, self.kernel_size, self.features)
         s = self.stride
         m = -(-self.kernel_size // s)
         z = jnp.pad(z, ((0, 0), (0, 0), (0, m * s - self.kernel_size), (0, 0)))
