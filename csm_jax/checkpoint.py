@@ -62,6 +62,13 @@ def restore(path: str | Path, abstract_params: Any) -> Any:
     path = Path(path).absolute()
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path / "params", abstract_params)
+            params = ckptr.restore(path / "params", abstract_params)
     except Exception as e:  # orbax raises many types for missing/corrupt/mismatched trees
         raise CheckpointError(f"cannot restore parameters from {path / 'params'}: {e}") from e
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    problems = [f"{k}: stored {list(got[k])}, expected {list(want[k])}" for k in want if k in got and got[k] != want[k]]
+    problems += [f"{k}: missing" for k in want if k not in got] + [f"{k}: unexpected" for k in got if k not in want]
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model config:\n  " + "\n  ".join(problems[:20]))
+    return params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,7 @@ class MimiCodec:
         if not 1 <= self.num_codebooks <= config.num_quantizers:
             raise ValueError(f"num_codebooks must be in 1..{config.num_quantizers}, got {self.num_codebooks}")
         self.module = Mimi(config)
-        self._encode = jax.jit(
-            lambda p, audio, k: self.module.apply({"params": p}, audio, k, method=Mimi.encode), static_argnums=2
-        )
-        self._decode = jax.jit(lambda p, codes: self.module.apply({"params": p}, codes, method=Mimi.decode))
+        self._encode, self._decode = _offline_fns(config)
 
     @classmethod
     def random(cls, config: MimiConfig | None = None, seed: int = 0, num_codebooks: int | None = None) -> "MimiCodec":
@@ -85,15 +83,41 @@ class MimiCodec:
         return checkpoint.save(path, self.params, CHECKPOINT_KIND, self.config.to_dict())
 
 
+@functools.cache
+def _offline_fns(cfg: MimiConfig) -> tuple[Any, Any]:
+    """Jitted (encode, decode), shared by every codec with this config so each shape compiles once."""
+    module = Mimi(cfg)
+    encode = jax.jit(lambda p, audio, k: module.apply({"params": p}, audio, k, method=Mimi.encode), static_argnums=2)
+    decode = jax.jit(lambda p, codes: module.apply({"params": p}, codes, method=Mimi.decode))
+    return encode, decode
+
+
+@functools.cache
+def _stream_fns(cfg: MimiConfig, kind: str, batch_size: int, num_codebooks: int) -> tuple[Any, Any]:
+    """Jitted (init_state(params), step(params, x, state)) for one stream kind, shared across instances."""
+    module = Mimi(cfg)
+    if kind == "encoder":
+        init_method = Mimi.init_encoder_state
+        step = lambda p, audio, state: module.apply(  # noqa: E731
+            {"params": p}, audio, state, num_codebooks, method=Mimi.encode_step
+        )
+    else:
+        init_method = Mimi.init_decoder_state
+        step = lambda p, codes, state: module.apply({"params": p}, codes, state, method=Mimi.decode_step)  # noqa: E731
+    init = jax.jit(lambda p: module.apply({"params": p}, batch_size, method=init_method))
+    return init, jax.jit(step, donate_argnums=2)
+
+
 class _Stream:
     """B independent streams advanced together; `state` is an explicit pytree, each step one jitted call."""
 
-    def __init__(self, codec: MimiCodec, batch_size: int, init: Any, step: Any):
+    kind: str
+
+    def __init__(self, codec: MimiCodec, batch_size: int):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.codec, self.batch_size = codec, batch_size
-        self._init = jax.jit(lambda p: codec.module.apply({"params": p}, batch_size, method=init))
-        self._step = jax.jit(step, donate_argnums=2)
+        self._init, self._step = _stream_fns(codec.config, self.kind, batch_size, codec.num_codebooks)
         self.state: State = self._init(codec.params)
 
     def reset(self, mask: Any = None) -> None:
@@ -113,12 +137,7 @@ class _Stream:
 class StreamEncoder(_Stream):
     """`step(audio float32 [B, frame_size]) -> int32 codes [B, K]`; equals offline encode on whole frames."""
 
-    def __init__(self, codec: MimiCodec, batch_size: int):
-        k = codec.num_codebooks
-        step = lambda p, audio, state: codec.module.apply(  # noqa: E731
-            {"params": p}, audio, state, k, method=Mimi.encode_step
-        )
-        super().__init__(codec, batch_size, Mimi.init_encoder_state, step)
+    kind = "encoder"
 
     def step(self, audio: Any) -> jax.Array:
         audio = _check_audio(audio, batch_ndim=2, shape=(self.batch_size, self.codec.frame_size))
@@ -129,9 +148,7 @@ class StreamEncoder(_Stream):
 class StreamDecoder(_Stream):
     """`step(codes int [B, K]) -> float32 audio [B, frame_size]`; equals offline decode frame by frame."""
 
-    def __init__(self, codec: MimiCodec, batch_size: int):
-        step = lambda p, codes, state: codec.module.apply({"params": p}, codes, state, method=Mimi.decode_step)  # noqa: E731
-        super().__init__(codec, batch_size, Mimi.init_decoder_state, step)
+    kind = "decoder"
 
     def step(self, codes: Any) -> jax.Array:
         codes = _check_codes(codes, self.codec.config, ndim=2)
@@ -152,7 +169,8 @@ def _check_audio(audio: Any, batch_ndim: int, shape: tuple[int, ...] | None = No
         raise ValueError(f"audio must have shape {want}, got {list(arr.shape)}")
     if arr.shape[-1] == 0:
         raise ValueError("audio is empty (0 samples)")
-    if not bool(jnp.all(jnp.isfinite(arr))):
+    xp = jnp if isinstance(arr, jax.Array) else np
+    if not bool(xp.all(xp.isfinite(arr))):
         raise ValueError("audio contains NaN or infinite samples")
     return jnp.asarray(arr, jnp.float32)
 
@@ -169,7 +187,8 @@ def _check_codes(codes: Any, cfg: MimiConfig, ndim: int) -> jax.Array:
         raise ValueError(f"codes have {k} codebooks; this codec has 1..{cfg.num_quantizers}")
     if ndim == 3 and arr.shape[2] == 0:
         raise ValueError("codes are empty (0 frames)")
-    lo, hi = int(jnp.min(arr)), int(jnp.max(arr))
+    xp = jnp if isinstance(arr, jax.Array) else np
+    lo, hi = (int(v) for v in np.asarray(xp.stack([xp.min(arr), xp.max(arr)])))  # one host transfer
     if lo < 0 or hi >= cfg.codebook_size:
         raise ValueError(f"codes must be in [0, {cfg.codebook_size}), got values in [{lo}, {hi}]")
     return jnp.asarray(arr, jnp.int32)

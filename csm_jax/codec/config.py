@@ -48,8 +48,10 @@ class MimiConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if not 1 <= self.num_semantic_quantizers < self.num_quantizers:
             raise ValueError("need 1 <= num_semantic_quantizers < num_quantizers")
-        if self.hidden_size % self.upsample_groups:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of upsample_groups")
+        if self.upsample_groups not in (1, self.hidden_size):
+            raise ValueError(
+                f"upsample_groups must be 1 or hidden_size={self.hidden_size} (depthwise), got {self.upsample_groups}"
+            )
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
     @property

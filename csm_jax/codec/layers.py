@@ -87,11 +87,14 @@ class CausalConv1d(nn.Module):
 
 
 class CausalConvTranspose1d(nn.Module):
-    """Causal ConvTranspose1d, right-trimmed by `kernel_size - stride`.
+    """Causal ConvTranspose1d, right-trimmed by `kernel_size - stride` (kernel_size must be a multiple of stride).
 
-    kernel: float32 [C_in, k, C_out/groups] (torch weight [C_in, C_out/g, k] with the last two axes swapped).
-    Computed as one matmul per input step followed by an overlap-add, which is exact and avoids the
-    zero-stuffed convolution.
+    Computed in polyphase form: with m = kernel_size / stride taps of `stride` outputs each, output block t is
+    sum_j x[t - j] @ W_j, so the layer is one matmul on [x_t, x_{t-1}, ...] followed by depth-to-space. The
+    streaming state is the last m - 1 input steps.
+
+    kernel: float32 [m, C_in, stride, C_out/groups]; kernel[j, i, r, o] = torch weight[i, o, j * stride + r].
+    Supports groups == 1 and depthwise (groups == C_in == C_out).
     """
 
     in_features: int
@@ -103,56 +106,46 @@ class CausalConvTranspose1d(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @property
-    def overlap(self) -> int:
-        """Output samples that spill into the next step (`k - stride`), carried as streaming state."""
-        return self.kernel_size - self.stride
+    def taps(self) -> int:
+        return self.kernel_size // self.stride
 
     def setup(self) -> None:
-        shape = (self.in_features, self.kernel_size, self.features // self.groups)
+        if self.kernel_size % self.stride:
+            raise ValueError(f"kernel_size {self.kernel_size} must be a multiple of stride {self.stride}")
+        if self.groups not in (1, self.in_features) or (self.groups > 1 and self.features != self.in_features):
+            raise ValueError("only groups == 1 or depthwise (groups == in_features == features) are supported")
+        shape = (self.taps, self.in_features, self.stride, self.features // self.groups)
         self.kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         if self.use_bias:
             self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
 
-    def _full(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, C_in] -> untrimmed, bias-free output [B, (T - 1) * stride + k, C_out]."""
-        b, t, c_in = x.shape
-        g = self.groups
-        kernel = self.kernel
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if g == 1:  # one [B*T, C_in] x [C_in, k*C_out] matmul; the kernel is used in its stored layout
-            z = (x @ kernel.reshape(c_in, -1)).reshape(b, t, self.kernel_size, self.features)
-        elif g == c_in == self.features:  # depthwise: a broadcast multiply
-            z = x[:, :, None, :] * kernel[:, :, 0].T[None, None]
-        else:
-            xg = x.reshape(b, t, g, c_in // g)
-            kg = kernel.reshape(g, c_in // g, self.kernel_size, self.features // g)
-            z = jnp.einsum("btgi,gikj->btkgj", xg, kg).reshape(b, t, self.kernel_size, self.features)
-        s = self.stride
-        m = -(-self.kernel_size // s)
-        z = jnp.pad(z, ((0, 0), (0, 0), (0, m * s - self.kernel_size), (0, 0)))
-        out = jnp.zeros((b, (t + m - 1) * s, self.features), z.dtype)
-        for j in range(m):  # overlap-add: tap block j of step i lands at samples (i + j) * s ...
-            block = z[:, :, j * s : (j + 1) * s].reshape(b, t * s, self.features)
-            out = out.at[:, j * s : j * s + t * s].add(block)
-        return out[:, : (t - 1) * s + self.kernel_size]
+    def _blocks(self, x: jax.Array) -> jax.Array:
+        """x: [B, m - 1 + T, C_in] (history first) -> [B, T * stride, C_out]."""
+        b, length, c_in = x.shape
+        t, m = length - self.taps + 1, self.taps
+        shifted = [x[:, m - 1 - j : m - 1 - j + t] for j in range(m)]  # x[t - j]
+        kernel = self.kernel.astype(self.dtype)
+        if self.groups == 1:
+            y = jnp.concatenate(shifted, axis=-1) @ kernel.reshape(m * c_in, -1)  # [B, T, stride * C_out]
+        else:  # depthwise: y[t, r, c] = sum_j x[t - j, c] * kernel[j, c, r]
+            y = sum(xs[:, :, None, :] * kernel[j, :, :, 0].T for j, xs in enumerate(shifted))
+        y = y.reshape(b, t * self.stride, self.features)
+        return y + self.bias.astype(self.dtype) if self.use_bias else y
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, C_in] -> [B, T * stride, C_out]."""
-        y = self._full(x)[:, : x.shape[1] * self.stride]
-        return y + self.bias.astype(self.dtype) if self.use_bias else y
+        x = x.astype(self.dtype)
+        return self._blocks(jnp.pad(x, ((0, 0), (self.taps - 1, 0), (0, 0))))
 
     def init_state(self, batch_size: int) -> State:
-        """Pending overlap [B, k - stride, C_out], bias not yet added."""
-        return {"partial": jnp.zeros((batch_size, self.overlap, self.features), jnp.float32)}
+        """Zero input history [B, m - 1, C_in]."""
+        return {"previous": jnp.zeros((batch_size, self.taps - 1, self.in_features), jnp.float32)}
 
     def step(self, x: jax.Array, state: State) -> tuple[jax.Array, State]:
         """x: [B, T, C_in] -> ([B, T * stride, C_out], new state)."""
-        full = self._full(x)
-        full = full.at[:, : self.overlap].add(state["partial"].astype(full.dtype))
-        n = x.shape[1] * self.stride
-        y = full[:, :n]
-        new_state = {"partial": full[:, n:].astype(jnp.float32)}
-        return (y + self.bias.astype(self.dtype) if self.use_bias else y), new_state
+        full = jnp.concatenate([state["previous"].astype(self.dtype), x.astype(self.dtype)], axis=1)
+        new_state = {"previous": full[:, full.shape[1] - (self.taps - 1) :].astype(jnp.float32)}
+        return self._blocks(full), new_state
 
 
 class ResBlock(nn.Module):

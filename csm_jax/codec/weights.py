@@ -38,8 +38,13 @@ def _conv(path: str, key: str, shape: Shape) -> Entry:
 
 
 def _convtr(path: str, key: str, shape: Shape) -> Entry:
-    """torch ConvTranspose1d [in, out/g, k] -> [in, k, out/g]."""
-    return Entry(path, ((key, (shape[0], shape[2], shape[1])),), lambda w: w.transpose(0, 2, 1))
+    """torch ConvTranspose1d [in, out/g, m * stride] -> polyphase [m, in, stride, out/g]."""
+    taps, c_in, stride, c_out = shape
+
+    def combine(w: np.ndarray) -> np.ndarray:
+        return w.reshape(c_in, c_out, taps, stride).transpose(2, 0, 3, 1)
+
+    return Entry(path, ((key, (c_in, c_out, taps * stride)),), combine)
 
 
 def _dense(path: str, key: str, shape: Shape) -> Entry:
