@@ -45,15 +45,19 @@ def _encode(codec: MimiCodec, wav: Path) -> tuple[np.ndarray, int]:
 
 
 def _write_codes(path: Path, codes: np.ndarray, codec: MimiCodec, num_samples: int) -> None:
-    np.savez(path, codes=codes.astype(np.int16), sample_rate=codec.sample_rate, frame_rate=codec.frame_rate,
-             num_samples=num_samples)
+    with open(path, "wb") as f:  # a handle, so numpy does not append ".npz" to the name
+        np.savez(f, codes=codes.astype(np.int16), sample_rate=codec.sample_rate, frame_rate=codec.frame_rate,
+                 num_samples=num_samples)
 
 
 def _read_codes(path: Path) -> tuple[np.ndarray, int | None]:
     try:
-        with np.load(path) as f:
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with loaded as f:
             codes, n = f["codes"], int(f["num_samples"]) if "num_samples" in f else None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError) as e:
         raise ValueError(f"{path} is not a codes file written by `encode`: {e}") from e
     if codes.ndim != 2:
         raise ValueError(f"{path}: codes must be [K, T], got shape {list(codes.shape)}")
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", type=Path, help="new directory")
     args = parser.parse_args(argv)
     try:
+        if not args.output.absolute().parent.is_dir():
+            raise ValueError(f"cannot write {args.output}: directory {args.output.absolute().parent} does not exist")
         if args.command == "convert":
             out = load_codec(args.input).save(args.output)
             print(f"wrote {out}")
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         sf.write(args.output, audio, codec.sample_rate, subtype="PCM_16")
         print(f"codes {list(codes.shape)} -> {len(audio) / codec.sample_rate:.2f} s in {args.output}")
         return 0
-    except (AudioError, CheckpointError, ValueError, TypeError, OSError) as e:
+    except (AudioError, CheckpointError, ValueError, TypeError, OSError, sf.SoundFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
