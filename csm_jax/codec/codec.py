@@ -17,7 +17,8 @@ from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.layers import State
 from csm_jax.codec.mimi import Mimi
-from csm_jax.codec.weights import abstract_params, convert, detect_format
+from csm_jax.codec.weights import abstract_params, convert_mimi, detect_format
+from csm_jax.weights import read_safetensors
 
 CHECKPOINT_KIND = "mimi"
 
@@ -194,15 +195,6 @@ def _check_codes(codes: Any, cfg: MimiConfig, ndim: int) -> jax.Array:
     return jnp.asarray(arr, jnp.int32)
 
 
-def read_safetensors(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file whose key starts with `prefix` (stripped), as numpy arrays."""
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
-
-
 def _config_arg(config: MimiConfig | dict[str, Any] | None) -> MimiConfig | None:
     if config is None or isinstance(config, MimiConfig):
         return config
@@ -263,7 +255,7 @@ def _load_safetensors(path: Path, cfg: MimiConfig | None) -> tuple[Any, MimiConf
         path = weights
     tensors = read_safetensors(path, prefix)
     fmt = detect_format(set(tensors))
-    return convert(tensors, cfg or MimiConfig(), fmt, str(path)), cfg or MimiConfig()
+    return convert_mimi(tensors, cfg or MimiConfig(), fmt, str(path)), cfg or MimiConfig()
 
 
 def _has_prefix(path: Path, prefix: str) -> bool:

@@ -3,8 +3,7 @@ Flax parameter tree, strictly: every tensor must be used exactly once and have t
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.traverse_util
@@ -15,26 +14,12 @@ import numpy as np
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.seanet import convtr_indices
-
-Shape = tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One parameter: where it lives in the Flax tree, which file tensors make it, and how."""
-
-    path: str  # "/"-joined Flax path
-    sources: tuple[tuple[str, Shape], ...]  # (file key, expected shape in the file)
-    combine: Callable[..., np.ndarray]
-
-
-def _t(shape: Shape) -> Shape:
-    return tuple(reversed(shape))
+from csm_jax.weights import Entry, Shape, convert, rope_interleaved_to_half, same, transposed
 
 
 def _conv(path: str, key: str, shape: Shape) -> Entry:
     """torch Conv1d [out, in/g, k] -> [k, in/g, out]."""
-    return Entry(path, ((key, _t(shape)),), lambda w: w.transpose(2, 1, 0))
+    return Entry(path, ((key, shape[::-1]),), lambda w: w.transpose(2, 1, 0))
 
 
 def _convtr(path: str, key: str, shape: Shape) -> Entry:
@@ -45,14 +30,6 @@ def _convtr(path: str, key: str, shape: Shape) -> Entry:
         return w.reshape(c_in, c_out, taps, stride).transpose(2, 0, 3, 1)
 
     return Entry(path, ((key, (c_in, c_out, taps * stride)),), combine)
-
-
-def _dense(path: str, key: str, shape: Shape) -> Entry:
-    return Entry(path, ((key, _t(shape)),), lambda w: w.T)
-
-
-def _same(path: str, key: str, shape: Shape) -> Entry:
-    return Entry(path, ((key, shape),), lambda w: w)
 
 
 def _proj(path: str, key: str, shape: Shape) -> Entry:
@@ -70,12 +47,6 @@ def _codebooks(path: str, keys: list[tuple[str, str]], shape: Shape) -> Entry:
         return np.stack([es / np.maximum(cu, 1e-5)[:, None] for es, cu in pairs])
 
     return Entry(path, sources, combine)
-
-
-def rope_interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder q/k projection rows [H*D, in] from interleaved RoPE pairs (moshi) to rotate-half (transformers)."""
-    out, inp = w.shape
-    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(0, 2, 1, 3).reshape(out, inp)
 
 
 def _layer_keys(fmt: str, prefix: str) -> dict[str, str]:
@@ -107,10 +78,10 @@ def _entries(cfg: MimiConfig, fmt: str, shapes: Mapping[str, Shape]) -> Iterator
             leaf = "weight" if parts[-1] == "kernel" else "bias"
             if top == "decoder" and parts[2] not in ("conv1", "conv2") and int(idx) in convtr_indices(cfg):
                 key = f"{base}.conv.{leaf}" if hf else f"{base}.convtr.convtr.{leaf}"
-                yield _convtr(path, key, shape) if leaf == "weight" else _same(path, key, shape)
+                yield _convtr(path, key, shape) if leaf == "weight" else same(path, key, shape)
             else:
                 key = f"{base}.conv.{leaf}" if hf else f"{base}.conv.conv.{leaf}"
-                yield _conv(path, key, shape) if leaf == "weight" else _same(path, key, shape)
+                yield _conv(path, key, shape) if leaf == "weight" else same(path, key, shape)
         elif top == "downsample":
             yield _conv(path, "downsample.conv.weight" if hf else "downsample.conv.conv.conv.weight", shape)
         elif top == "upsample":
@@ -131,17 +102,17 @@ def _transformer_entry(cfg: MimiConfig, fmt: str, path: str, parts: list[str], s
     if name in ("input_layernorm/scale", "input_layernorm/bias", "post_attention_layernorm/scale",
                 "post_attention_layernorm/bias"):
         ln = keys["in_ln" if name.startswith("input") else "post_ln"]
-        yield _same(path, f"{ln}.{'weight' if name.endswith('scale') else 'bias'}", shape)
+        yield same(path, f"{ln}.{'weight' if name.endswith('scale') else 'bias'}", shape)
     elif name == "self_attn_layer_scale/scale":
-        yield _same(path, keys["ls1"], shape)
+        yield same(path, keys["ls1"], shape)
     elif name == "mlp_layer_scale/scale":
-        yield _same(path, keys["ls2"], shape)
+        yield same(path, keys["ls2"], shape)
     elif name in ("fc1/kernel", "fc2/kernel"):
-        yield _dense(path, keys[name[:3]], shape)
+        yield transposed(path, keys[name[:3]], shape)
     elif name == "self_attn/o_proj/kernel":
-        yield _dense(path, keys["o"], shape)
+        yield transposed(path, keys["o"], shape)
     elif fmt == "hf":  # q/k/v_proj
-        yield _dense(path, f"{prefix}.self_attn.{parts[3]}.weight", shape)
+        yield transposed(path, f"{prefix}.self_attn.{parts[3]}.weight", shape)
     else:  # moshi stacks q;k;v rows in one in_proj with interleaved RoPE pairs
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         rows = {"q_proj": (0, q, cfg.num_heads), "k_proj": (q, q + kv, cfg.num_kv_heads), "v_proj": (q + kv, q + 2 * kv, 0)}
@@ -192,32 +163,11 @@ def abstract_params(cfg: MimiConfig) -> dict[str, Any]:
     return jax.eval_shape(lambda: Mimi(cfg).init(jax.random.key(0), frame))["params"]
 
 
-def convert(tensors: Mapping[str, np.ndarray], cfg: MimiConfig, fmt: str, source: str) -> dict[str, Any]:
-    """File tensors (key -> numpy array) -> Flax params (float32). Raises CheckpointError listing every
-    missing, unexpected or mis-shaped tensor; returns nothing partial."""
+def convert_mimi(tensors: Mapping[str, np.ndarray], cfg: MimiConfig, fmt: str, source: str) -> dict[str, Any]:
+    """File tensors (key -> numpy array) -> Flax Mimi params (float32), strictly (see `csm_jax.weights.convert`)."""
     flat_shapes = {
         "/".join(k): tuple(v.shape)
         for k, v in flax.traverse_util.flatten_dict(abstract_params(cfg)).items()
     }
-    entries = list(_entries(cfg, fmt, flat_shapes))
-    used = {key for e in entries for key, _ in e.sources}
-    problems = []
-    for e in entries:
-        for key, want in e.sources:
-            if key not in tensors:
-                problems.append(f"missing tensor {key!r} (expected shape {list(want)})")
-            elif tuple(tensors[key].shape) != want:
-                problems.append(f"tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(want)}")
-    unexpected = sorted(k for k in tensors if k not in used and not _is_ignorable(k))
-    problems += [f"unexpected tensor {k!r} with shape {list(tensors[k].shape)}" for k in unexpected]
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CheckpointError(f"{source} does not fit the Mimi config ({fmt} format):\n  {shown}")
-    flat = {}
-    for e in entries:
-        arrays = [np.asarray(tensors[key], dtype=np.float32) for key, _ in e.sources]
-        value = e.combine(*arrays)
-        if not np.all(np.isfinite(value)):
-            raise CheckpointError(f"{source}: non-finite values in {[k for k, _ in e.sources]}")
-        flat[tuple(e.path.split("/"))] = np.ascontiguousarray(value, dtype=np.float32)
-    return flax.traverse_util.unflatten_dict(flat)
+    entries = _entries(cfg, fmt, flat_shapes)
+    return convert(tensors, entries, source, f"Mimi config ({fmt} format)", _is_ignorable)

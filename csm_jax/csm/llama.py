@@ -1,0 +1,144 @@
+"""Llama-style transformer stack used for both CSM's backbone and its depth decoder.
+
+Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `mlp`); `csm_jax.sharding` maps them to mesh
+axes. q/k projections use the rotate-half RoPE layout (transformers); original checkpoints are permuted on load.
+An optional static KV cache (slot = absolute position) serves prefill and one-step decoding with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from csm_jax.csm.config import LlamaConfig
+
+Cache = dict[str, jax.Array]
+_NEG = -1e30
+
+
+def dense(features: int, axes: tuple[str, str], dtype: jnp.dtype, name: str | None = None) -> nn.Dense:
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
+    return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=init, name=name)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """float32 [head_dim / 2] inverse frequencies, with llama3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    if cfg.rope_scaling is None:
+        return inv
+    factor, low, high, old_len = cfg.rope_scaling
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [B, T, H, D], positions int32 [B, T] -> rotated x (rotate-half pairing), computed in float32."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+        """x [B, T, D], positions int32 [B, T]; cache k/v [B, S, Hkv, hd] indexed by position."""
+        cfg, dt = self.cfg, self.dtype
+        b, t, _ = x.shape
+        h, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = dense(h * hd, ("embed", "heads"), dt, "q_proj")(x).reshape(b, t, h, hd)
+        k = dense(hkv * hd, ("embed", "kv_heads"), dt, "k_proj")(x).reshape(b, t, hkv, hd)
+        v = dense(hkv * hd, ("embed", "kv_heads"), dt, "v_proj")(x).reshape(b, t, hkv, hd)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is None:
+            keys, values, k_pos = k, v, positions
+        else:
+            rows = jnp.arange(b)[:, None]
+            cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+                     "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
+            keys, values = cache["k"], cache["v"]
+            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+        allowed = k_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]; future slots are never read
+        qg = q.reshape(b, t, hkv, h // hkv, hd)
+        scores = jnp.einsum("btgrd,bsgd->bgrts", qg, keys.astype(dt)).astype(jnp.float32) * hd**-0.5
+        scores = jnp.where(allowed[:, None, None], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bgrts,bsgd->btgrd", probs, values.astype(dt)).reshape(b, t, h * hd)
+        return dense(cfg.hidden_size, ("heads", "embed"), dt, "o_proj")(out), cache
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, self.dtype
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), dt, "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), dt, "up_proj")(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), dt, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+        cfg, dt = self.cfg, self.dtype
+        a, cache = Attention(cfg, dt, name="self_attn")(RMSNorm(cfg.norm_eps, dt, name="input_layernorm")(x),
+                                                         positions, cache)
+        x = x + a
+        return x + MLP(cfg, dt, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="post_attention_layernorm")(x)), cache
+
+
+class Transformer(nn.Module):
+    """[B, T, D] inputs (embeddings) at `positions` -> final-normed hidden [B, T, D]. Layers run as a Python loop
+    (faster than scan for one-token steps on CPU)."""
+
+    cfg: LlamaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, caches: list[Cache] | None = None
+    ) -> tuple[jax.Array, list[Cache] | None]:
+        x = x.astype(self.dtype)
+        new_caches = []
+        for i in range(self.cfg.num_layers):
+            x, c = Block(self.cfg, self.dtype, name=f"layers_{i}")(x, positions, None if caches is None else caches[i])
+            new_caches.append(c)
+        x = RMSNorm(self.cfg.norm_eps, self.dtype, name="norm")(x)
+        return x, (new_caches if caches is not None else None)
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, length: int, dtype: jnp.dtype = jnp.float32) -> list[Cache]:
+    """Zeroed static KV caches, one per layer: k/v [B, length, Hkv, head_dim]."""
+    shape = (batch_size, length, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]

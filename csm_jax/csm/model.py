@@ -1,0 +1,104 @@
+"""Sesame CSM as one Flax module: text + audio embeddings, the backbone (emits codebook 0, "semantic"), the
+projection, and the depth decoder (emits codebooks 1..K-1, "acoustic").
+
+A frame row has K + 1 columns: audio codes for codebooks 0..K-1 and a text token in column K; its input is the
+masked sum of the K + 1 embeddings (audio codebook k, token t -> audio table row t + k * audio_vocab_size).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from csm_jax.csm.config import CsmConfig
+from csm_jax.csm.llama import Cache, Transformer
+
+_EMBED_INIT = nn.initializers.normal(0.02)
+
+
+class Csm(nn.Module):
+    cfg: CsmConfig
+
+    def setup(self) -> None:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        bb, dd, v, k = cfg.backbone.hidden_size, cfg.decoder.hidden_size, cfg.audio_vocab_size, cfg.num_codebooks
+        part = nn.with_logical_partitioning
+        self.text_embeddings = self.param("text_embeddings", part(_EMBED_INIT, ("vocab", "embed")),
+                                          (cfg.text_vocab_size, bb))
+        self.audio_embeddings = self.param("audio_embeddings", part(_EMBED_INIT, ("vocab", "embed")), (k * v, bb))
+        self.backbone = Transformer(cfg.backbone, dt)
+        self.decoder = Transformer(cfg.decoder, dt)
+        self.projection = self.param("projection", part(nn.initializers.lecun_normal(), ("embed", "decoder_embed")),
+                                     (bb, dd))
+        self.codebook0_head = self.param("codebook0_head", part(nn.initializers.lecun_normal(), ("embed", "vocab")),
+                                         (bb, v))
+        self.audio_head = self.param("audio_head", part(nn.initializers.lecun_normal(),
+                                                        ("codebooks", "decoder_embed", "vocab")), (k - 1, dd, v))
+
+    # building blocks ------------------------------------------------------------------------------------
+    def embed(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """tokens int32 [B, S, K+1], mask bool [B, S, K+1] -> float [B, S, D_backbone] (masked embedding sum)."""
+        cfg = self.cfg
+        k = cfg.num_codebooks
+        offsets = jnp.arange(k, dtype=jnp.int32) * cfg.audio_vocab_size
+        audio = jnp.take(self.audio_embeddings, tokens[..., :k] + offsets, axis=0)  # [B, S, K, D]
+        text = jnp.take(self.text_embeddings, tokens[..., k], axis=0)  # [B, S, D]
+        m = mask.astype(jnp.float32)
+        h = jnp.einsum("bskd,bsk->bsd", audio, m[..., :k]) + text * m[..., k, None]
+        return h.astype(cfg.compute_dtype)
+
+    def audio_embed(self, codes: jax.Array, codebook: jax.Array | int) -> jax.Array:
+        """codes int32 [B] of `codebook` -> [B, D_backbone]."""
+        return jnp.take(self.audio_embeddings, codes + codebook * self.cfg.audio_vocab_size, axis=0)
+
+    def backbone_step(
+        self, tokens: jax.Array, mask: jax.Array, positions: jax.Array, caches: list[Cache] | None
+    ) -> tuple[jax.Array, jax.Array, list[Cache] | None]:
+        """Rows at `positions` [B, S] -> (codebook-0 logits float32 [B, S, V], hidden [B, S, D_b], caches)."""
+        h, caches = self.backbone(self.embed(tokens, mask), positions, caches)
+        return self.c0_logits(h), h.astype(jnp.float32), caches
+
+    def c0_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D_b] -> float32 [..., V]."""
+        dt = self.cfg.compute_dtype
+        return (hidden.astype(dt) @ self.codebook0_head.astype(dt)).astype(jnp.float32)
+
+    def decoder_step(
+        self, inputs: jax.Array, positions: jax.Array, caches: list[Cache] | None
+    ) -> tuple[jax.Array, list[Cache] | None]:
+        """Depth-decoder inputs in backbone width [B, T, D_b] at positions [B, T] -> (hidden [B, T, D_d], caches)."""
+        dt = self.cfg.compute_dtype
+        return self.decoder(inputs.astype(dt) @ self.projection.astype(dt), positions, caches)
+
+    def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
+        """Depth-decoder hidden [B, D_d] -> float32 logits [B, V] for `codebook` (1..K-1)."""
+        dt = self.cfg.compute_dtype
+        head = jnp.take(self.audio_head, codebook - 1, axis=0).astype(dt)
+        return (hidden.astype(dt) @ head).astype(jnp.float32)
+
+    # full-sequence forms (training, parity) ----------------------------------------------------------------
+    def backbone_forward(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens int32 [B, S, K+1], mask bool [B, S, K+1] at positions 0..S-1 ->
+        (codebook-0 logits float32 [B, S, V], final-normed hidden float32 [B, S, D_b])."""
+        b, s = tokens.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        logits, hidden, _ = self.backbone_step(tokens, mask, positions, None)
+        return logits, hidden
+
+    def depth_forward(self, last_hidden: jax.Array, codes: jax.Array) -> jax.Array:
+        """Teacher-forced depth decoder. last_hidden [B, D_b], codes int32 [B, K] ->
+        float32 [B, K-1, V]; row i-1 holds the logits of codebook i given codes 0..i-1."""
+        k = self.cfg.num_codebooks
+        b = codes.shape[0]
+        embeds = jnp.stack([self.audio_embed(codes[:, i], i) for i in range(k - 1)], axis=1)
+        inputs = jnp.concatenate([last_hidden[:, None].astype(embeds.dtype), embeds], axis=1)  # [B, K, D_b]
+        positions = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+        h, _ = self.decoder_step(inputs, positions, None)
+        dt = self.cfg.compute_dtype
+        return jnp.einsum("bid,idv->biv", h[:, 1:].astype(dt), self.audio_head.astype(dt)).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Initialisation entry: backbone logits and teacher-forced depth logits of the last row."""
+        logits, hidden = self.backbone_forward(tokens, mask)
+        return logits, self.depth_forward(hidden[:, -1], tokens[:, -1, : self.cfg.num_codebooks])

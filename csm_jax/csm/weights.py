@@ -1,0 +1,145 @@
+"""Load CSM weights from a transformers directory, an original Sesame checkpoint, or a converted orbax directory.
+
+Formats are told apart by key prefix: `backbone_model.layers.` (transformers) vs `backbone.layers.` (original,
+whose q/k rows are in torchtune's interleaved RoPE order and are permuted on load). The audio embedding table is
+tied: transformers 5.x writes it only as `depth_decoder.model.embed_tokens.weight`, older files as
+`backbone_model.embed_tokens.embed_audio_tokens.weight`; either (or both, if equal) is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from csm_jax import checkpoint
+from csm_jax.checkpoint import CheckpointError
+from csm_jax.csm.config import CsmConfig, LlamaConfig
+from csm_jax.weights import Entry, Shape, convert, read_safetensors, rope_interleaved_to_half, same, transposed
+
+CHECKPOINT_KIND = "csm"
+_HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
+
+
+def abstract_params(cfg: CsmConfig) -> dict[str, Any]:
+    """Unboxed parameter tree of ShapeDtypeStruct for `cfg`, without allocating."""
+    from csm_jax.csm.model import Csm
+
+    k = cfg.num_codebooks
+    tokens, mask = jnp.zeros((1, 1, k + 1), jnp.int32), jnp.ones((1, 1, k + 1), bool)
+    boxed = jax.eval_shape(lambda: Csm(cfg).init(jax.random.key(0), tokens, mask))["params"]
+    return nn.meta.unbox(boxed)
+
+
+def _stack_entries(cfg: LlamaConfig, ours: str, theirs: str, fmt: str) -> Iterator[Entry]:
+    hd, d = cfg.head_dim, cfg.hidden_size
+    h, hkv, inter = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    for i in range(cfg.num_layers):
+        o, t = f"{ours}/layers_{i}", f"{theirs}.layers.{i}"
+        if fmt == "hf":
+            names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                     "ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight"}
+        else:
+            names = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.output_proj",
+                     "gate": "mlp.w1", "up": "mlp.w3", "down": "mlp.w2", "ln1": "sa_norm.scale", "ln2": "mlp_norm.scale"}
+        for proj, heads, rows in (("q", h, h * hd), ("k", hkv, hkv * hd)):
+            key = f"{t}.{names[proj]}.weight"
+            if fmt == "hf":
+                yield transposed(f"{o}/self_attn/{proj}_proj/kernel", key, (d, rows))
+            else:
+                yield Entry(f"{o}/self_attn/{proj}_proj/kernel", ((key, (rows, d)),),
+                            lambda w, heads=heads: rope_interleaved_to_half(w, heads).T)
+        yield transposed(f"{o}/self_attn/v_proj/kernel", f"{t}.{names['v']}.weight", (d, hkv * hd))
+        yield transposed(f"{o}/self_attn/o_proj/kernel", f"{t}.{names['o']}.weight", (h * hd, d))
+        yield transposed(f"{o}/mlp/gate_proj/kernel", f"{t}.{names['gate']}.weight", (d, inter))
+        yield transposed(f"{o}/mlp/up_proj/kernel", f"{t}.{names['up']}.weight", (d, inter))
+        yield transposed(f"{o}/mlp/down_proj/kernel", f"{t}.{names['down']}.weight", (inter, d))
+        yield same(f"{o}/input_layernorm/scale", f"{t}.{names['ln1']}", (d,))
+        yield same(f"{o}/post_attention_layernorm/scale", f"{t}.{names['ln2']}", (d,))
+    yield same(f"{ours}/norm/scale", f"{theirs}.norm.weight" if fmt == "hf" else f"{theirs}.norm.scale", (d,))
+
+
+def _entries(cfg: CsmConfig, fmt: str, audio_key: str) -> Iterator[Entry]:
+    bb, dd = cfg.backbone.hidden_size, cfg.decoder.hidden_size
+    v, k = cfg.audio_vocab_size, cfg.num_codebooks
+    hf = fmt == "hf"
+    yield same("text_embeddings", "embed_text_tokens.weight" if hf else "text_embeddings.weight",
+               (cfg.text_vocab_size, bb))
+    yield same("audio_embeddings", audio_key, (k * v, bb))
+    yield transposed("projection", "depth_decoder.model.inputs_embeds_projector.weight" if hf else "projection.weight",
+                     (bb, dd))
+    yield transposed("codebook0_head", "lm_head.weight" if hf else "codebook0_head.weight", (bb, v))
+    yield same("audio_head", "depth_decoder.codebooks_head.weight" if hf else "audio_head", (k - 1, dd, v))
+    yield from _stack_entries(cfg.backbone, "backbone", "backbone_model" if hf else "backbone", fmt)
+    yield from _stack_entries(cfg.decoder, "decoder", "depth_decoder.model" if hf else "decoder", fmt)
+
+
+def detect_format(keys: set[str]) -> str:
+    if any(k.startswith("backbone_model.layers.") for k in keys):
+        return "hf"
+    if any(k.startswith("backbone.layers.") for k in keys):
+        return "original"
+    raise CheckpointError("not a CSM checkpoint: no 'backbone_model.layers.*' (transformers) or "
+                          "'backbone.layers.*' (original Sesame) tensors")
+
+
+def convert_csm(tensors: dict[str, np.ndarray], cfg: CsmConfig, source: str) -> dict[str, Any]:
+    """File tensors -> Flax CSM params (float32), strictly."""
+    fmt = detect_format(set(tensors))
+    audio_key = "audio_embeddings.weight"
+    if fmt == "hf":
+        present = [key for key in _HF_AUDIO_KEYS if key in tensors]
+        if len(present) == 2:
+            if not np.array_equal(tensors[present[0]], tensors[present[1]]):
+                raise CheckpointError(f"{source}: the tied audio embeddings {present} differ")
+            tensors = {key: value for key, value in tensors.items() if key != present[1]}
+        audio_key = present[0] if present else _HF_AUDIO_KEYS[0]
+    params = convert(tensors, _entries(cfg, fmt, audio_key), source, f"CSM config ({fmt} format)")
+    expected = {"/".join(p): v.shape for p, v in flax.traverse_util.flatten_dict(abstract_params(cfg)).items()}
+    got = {"/".join(p) for p in flax.traverse_util.flatten_dict(params)}
+    assert got == set(expected), sorted(got ^ set(expected))  # the mapping covers exactly the model's params
+    return params
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[dict[str, Any], CsmConfig]:
+    """(params, config) from a transformers CSM dir, an original Sesame dir/`.safetensors`, or a converted dir.
+    Codec weights stored alongside (`codec_model.*`) are skipped here; `csm_jax.load_codec` reads them."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    if path.is_dir() and checkpoint.is_converted(path):
+        meta = checkpoint.read_meta(path, CHECKPOINT_KIND)
+        cfg = config or CsmConfig.from_dict(meta["config"])
+        return checkpoint.restore(path, abstract_params(cfg)), cfg
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors and no {checkpoint.META_FILE}")
+    tensors = read_safetensors(weights, exclude="codec_model.")
+    if config is None:
+        config_file = (path if path.is_dir() else path.parent) / "config.json"
+        raw = _read_json(config_file)
+        try:
+            config = CsmConfig.from_hf(raw) if raw.get("model_type") == "csm" else CsmConfig.from_original(raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_file}: not a CSM config ({e})") from e
+    return convert_csm(tensors, config, str(weights)), config
+
+
+def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) -> Path:
+    """Write an orbax checkpoint that `load_csm_params` reads back."""
+    return checkpoint.save(path, params, CHECKPOINT_KIND, cfg.to_dict())
