@@ -1,0 +1,171 @@
+"""The CSM generation engine: static-shape KV caches, bucketed prefill, and one jit-compiled call per frame.
+
+A frame step runs the backbone on each row's previous frame, samples codebook 0, then runs all K-1 depth-decoder
+steps (fresh decoder cache per frame) inside the same compiled call. B rows advance together, each with its own
+position, sampling parameters, PRNG stream and stop state; `insert` refills one row with a new request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from csm_jax.csm.config import CsmConfig
+from csm_jax.csm.llama import init_cache
+from csm_jax.csm.model import Csm
+from csm_jax.csm.sampling import sample_top_k
+
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Per-row generation state (B rows). Caches are indexed by absolute position."""
+
+    caches: list[dict[str, jax.Array]]  # backbone k/v [B, max_seq_len, Hkv, hd] per layer
+    tokens: jax.Array  # int32 [B, K+1]: the row to feed at `positions`
+    mask: jax.Array  # bool [B, K+1]
+    positions: jax.Array  # int32 [B]
+    keys: jax.Array  # PRNG key data uint32 [B, 2]
+    temperature: jax.Array  # float32 [B]
+    top_k: jax.Array  # int32 [B]
+    done: jax.Array  # bool [B]
+
+
+def bucket(length: int, max_len: int) -> int:
+    """Smallest prefill bucket >= length (static shapes: one compilation per bucket)."""
+    for b in PREFILL_BUCKETS:
+        if b >= length:
+            return min(b, max_len)
+    return max_len
+
+
+class Engine:
+    """Compiled prefill / step over a fixed batch of rows. All arrays live on device between calls."""
+
+    def __init__(self, params: Any, cfg: CsmConfig, batch_size: int, num_codebooks: int | None = None):
+        self.params, self.cfg, self.batch_size = params, cfg, batch_size
+        self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
+        if not 2 <= self.num_codebooks <= cfg.num_codebooks:
+            raise ValueError(f"num_codebooks must be in 2..{cfg.num_codebooks}, got {self.num_codebooks}")
+        self.model = Csm(cfg)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=1)
+        self._step = jax.jit(self._step_impl, donate_argnums=1)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.backbone.max_seq_len
+
+    def init_state(self) -> DecodeState:
+        b, k = self.batch_size, self.cfg.num_codebooks
+        return DecodeState(
+            caches=init_cache(self.cfg.backbone, b, self.max_seq_len, self.cfg.compute_dtype),
+            tokens=jnp.zeros((b, k + 1), jnp.int32),
+            mask=jnp.zeros((b, k + 1), bool),
+            positions=jnp.zeros((b,), jnp.int32),
+            keys=jnp.zeros((b, 2), jnp.uint32),
+            temperature=jnp.ones((b,), jnp.float32),
+            top_k=jnp.ones((b,), jnp.int32),
+            done=jnp.ones((b,), bool),
+        )
+
+    # compiled bodies -----------------------------------------------------------------------------------
+    def _apply(self, params: Any, method: Any, *args: Any) -> Any:
+        return self.model.apply({"params": params}, *args, method=method)
+
+    def _prefill_impl(self, params: Any, state: DecodeState, tokens: jax.Array, mask: jax.Array,
+                      lengths: jax.Array, rows: jax.Array, seeds: jax.Array, temperature: jax.Array,
+                      top_k: jax.Array) -> DecodeState:
+        """Write prompts tokens/mask [R, S, K+1] (lengths [R]) into rows `rows` [R] of the state.
+        Positions 0..len-2 are cached; the last prompt row becomes the first frame step's input."""
+        r, s = tokens.shape[:2]
+        sub = [{name: c[name][rows] for name in c} for c in state.caches]
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (r, s))
+        _, _, sub = self._apply(params, Csm.backbone_step, tokens, mask, positions, sub)
+        last = lengths - 1
+        idx = jnp.arange(r)
+        return DecodeState(
+            caches=[{name: c[name].at[rows].set(n[name]) for name in c} for c, n in zip(state.caches, sub)],
+            tokens=state.tokens.at[rows].set(tokens[idx, last]),
+            mask=state.mask.at[rows].set(mask[idx, last]),
+            positions=state.positions.at[rows].set(last),
+            keys=state.keys.at[rows].set(jax.vmap(lambda s: jax.random.key_data(jax.random.key(s)))(seeds)),
+            temperature=state.temperature.at[rows].set(temperature),
+            top_k=state.top_k.at[rows].set(top_k),
+            done=state.done.at[rows].set(False),
+        )
+
+    def _step_impl(self, params: Any, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One frame for every row -> (new state, codes int32 [B, num_codebooks]); done rows emit zeros."""
+        cfg, k_gen = self.cfg, self.num_codebooks
+        b = state.tokens.shape[0]
+        keys = jax.vmap(lambda kd: jax.random.split(jax.random.wrap_key_data(kd), k_gen + 1))(state.keys)
+        # keys: [B, k_gen + 1]; the last one carries the row's stream to the next frame
+        c0_logits, hidden, caches = self._apply(params, Csm.backbone_step, state.tokens[:, None], state.mask[:, None],
+                                                state.positions[:, None], state.caches)
+        sample = jax.vmap(lambda lg, key, t, k: sample_top_k(lg[None], key, t[None], k[None])[0])
+        c0 = sample(c0_logits[:, 0], keys[:, 0], state.temperature, state.top_k)
+        h_last = hidden[:, 0]
+
+        dcache = init_cache(cfg.decoder, b, k_gen, cfg.compute_dtype)
+        first = jnp.stack([h_last, self._apply(params, Csm.audio_embed, c0, 0).astype(jnp.float32)], axis=1)
+        dpos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (b, 2))
+        dh, dcache = self._apply(params, Csm.decoder_step, first, dpos, dcache)
+        codes = jnp.zeros((b, k_gen), jnp.int32).at[:, 0].set(c0)
+        c1 = sample(self._apply(params, Csm.audio_logits, dh[:, -1], 1), keys[:, 1], state.temperature, state.top_k)
+        codes = codes.at[:, 1].set(c1)
+
+        def body(i: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
+            dcache, codes = carry
+            prev = codes[:, i - 1]
+            x = self._apply(params, Csm.audio_embed, prev, i - 1)[:, None]
+            pos = jnp.full((b, 1), i, jnp.int32)
+            dh, dcache = self._apply(params, Csm.decoder_step, x, pos, dcache)
+            logits = self._apply(params, Csm.audio_logits, dh[:, 0], i)
+            ci = sample(logits, jax.vmap(lambda ks: ks[i])(keys), state.temperature, state.top_k)
+            return dcache, codes.at[:, i].set(ci)
+
+        _, codes = jax.lax.fori_loop(2, k_gen, body, (dcache, codes))
+        codes = jnp.where(state.done[:, None], 0, codes)
+        eos = jnp.all(codes == 0, axis=-1)
+        full = jnp.zeros((b, cfg.num_codebooks), jnp.int32).at[:, :k_gen].set(codes)
+        next_tokens = jnp.concatenate([full, jnp.zeros((b, 1), jnp.int32)], axis=-1)
+        next_mask = jnp.concatenate([jnp.arange(cfg.num_codebooks) < k_gen, jnp.zeros((1,), bool)])
+        advance = ~state.done
+        new_state = DecodeState(
+            caches=caches,
+            tokens=next_tokens,
+            mask=jnp.broadcast_to(next_mask, state.mask.shape),
+            positions=state.positions + advance.astype(jnp.int32),
+            keys=jax.vmap(lambda ks: jax.random.key_data(ks[-1]))(keys),
+            temperature=state.temperature,
+            top_k=state.top_k,
+            done=state.done | eos,
+        )
+        return new_state, codes
+
+    # host API ------------------------------------------------------------------------------------------
+    def prefill(self, state: DecodeState, rows: list[int], prompts: list[tuple[np.ndarray, np.ndarray]],
+                seeds: list[int], temperature: list[float], top_k: list[int]) -> DecodeState:
+        """Insert prompts (tokens int [S_i, K+1], mask bool [S_i, K+1]) into `rows` of `state`."""
+        lengths = [len(t) for t, _ in prompts]
+        s = bucket(max(lengths), self.max_seq_len)
+        k1 = self.cfg.num_codebooks + 1
+        tokens = np.zeros((len(prompts), s, k1), np.int32)
+        mask = np.zeros((len(prompts), s, k1), bool)
+        for i, (t, m) in enumerate(prompts):
+            tokens[i, : len(t)], mask[i, : len(m)] = t, m
+        return self._prefill(
+            self.params, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths, jnp.int32),
+            jnp.asarray(rows, jnp.int32), jnp.asarray(seeds, jnp.uint32), jnp.asarray(temperature, jnp.float32),
+            jnp.asarray(top_k, jnp.int32),
+        )
+
+    def step(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        return self._step(self.params, state)
+
