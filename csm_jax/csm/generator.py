@@ -1,0 +1,213 @@
+"""User-facing CSM generation: prompts from text and context segments, codes, and streamed audio.
+
+    gen = csm_jax.load_csm(path)
+    audio = gen.generate("Hello there.", speaker=0, context=[Segment(1, "Hi!", hi_audio)], seed=0)
+    for chunk in gen.stream("Hello there.", speaker=0):   # float32 [1920] per 80 ms frame, first after one frame
+        ...
+    codes = gen.generate_codes(tokens, mask, max_frames=50, temperature=0.9, top_k=50, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from csm_jax.checkpoint import CheckpointError
+from csm_jax.codec.codec import MimiCodec, load_codec
+from csm_jax.csm.config import CsmConfig
+from csm_jax.csm.engine import Engine
+from csm_jax.csm.weights import load_csm_params
+
+FRAME_MS = 80
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One conversation turn: speaker id, its transcript, and optionally its audio (float32 [N] at 24 kHz)."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray | None = None
+
+
+class Generator:
+    """CSM + Mimi: text and context -> codes -> audio. Compiled engines are cached per batch size."""
+
+    def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
+                 tokenizer: Tokenizer | None = None, num_codebooks: int | None = None):
+        self.params, self.cfg, self.codec, self.tokenizer = params, cfg, codec, tokenizer
+        self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
+        self._engines: dict[int, Engine] = {}
+        if codec is not None and codec.config.num_quantizers < cfg.num_codebooks:
+            raise ValueError(f"codec has {codec.config.num_quantizers} codebooks, CSM needs {cfg.num_codebooks}")
+
+    def engine(self, batch_size: int) -> Engine:
+        if batch_size not in self._engines:
+            self._engines[batch_size] = Engine(self.params, self.cfg, batch_size, self.num_codebooks)
+        return self._engines[batch_size]
+
+    # prompts ---------------------------------------------------------------------------------------------
+    def text_rows(self, text: str, speaker: int) -> tuple[np.ndarray, np.ndarray]:
+        """`[speaker]text` with BOS/EOS -> tokens int32 [S, K+1] (text in column K), mask bool [S, K+1]."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json; use generate_codes with token ids instead")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        if isinstance(speaker, bool) or not isinstance(speaker, int | np.integer) or speaker < 0:
+            raise TypeError(f"speaker must be a non-negative int, got {speaker!r}")
+        bos, eos = self.tokenizer.token_to_id(BOS), self.tokenizer.token_to_id(EOS)
+        if bos is None or eos is None:
+            raise ValueError(f"tokenizer lacks {BOS} / {EOS}")
+        ids = [bos, *self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids, eos]
+        k = self.cfg.num_codebooks
+        tokens = np.zeros((len(ids), k + 1), np.int32)
+        mask = np.zeros((len(ids), k + 1), bool)
+        tokens[:, k], mask[:, k] = ids, True
+        return tokens, mask
+
+    def audio_rows(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mono 24 kHz audio -> its Mimi codes plus one all-zero EOS frame, as audio rows."""
+        if self.codec is None:
+            raise ValueError("no codec loaded: audio context needs the Mimi weights")
+        audio = np.asarray(audio)
+        if audio.ndim != 1:
+            raise ValueError(f"segment audio must be mono float [N], got shape {list(audio.shape)}")
+        k = self.cfg.num_codebooks
+        codes = np.asarray(self.codec.encode(audio[None]))[0, :k]  # [K, T]
+        codes = np.concatenate([codes, np.zeros((k, 1), np.int32)], axis=1)
+        tokens = np.zeros((codes.shape[1], k + 1), np.int32)
+        mask = np.zeros((codes.shape[1], k + 1), bool)
+        tokens[:, :k], mask[:, :k] = codes.T, True
+        return tokens, mask
+
+    def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Context segments (text rows, then audio rows) followed by the target text rows."""
+        parts = []
+        for seg in context:
+            if not isinstance(seg, Segment):
+                raise TypeError(f"context items must be csm_jax.Segment, got {type(seg).__name__}")
+            parts.append(self.text_rows(seg.text, seg.speaker))
+            if seg.audio is not None:
+                parts.append(self.audio_rows(seg.audio))
+        parts.append(self.text_rows(text, speaker))
+        return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts])
+
+    # codes ---------------------------------------------------------------------------------------------
+    def _check(self, tokens: Any, mask: Any, max_frames: int, temperature: float, top_k: int
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+        cfg = self.cfg
+        k = cfg.num_codebooks
+        tokens, mask = np.asarray(tokens), np.asarray(mask)
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be bool, got {mask.dtype}")
+        if tokens.ndim not in (2, 3) or tokens.shape[-1] != k + 1 or mask.shape != tokens.shape:
+            raise ValueError(f"tokens and mask must both be [S, {k + 1}] or [B, S, {k + 1}], "
+                             f"got {list(tokens.shape)} and {list(mask.shape)}")
+        if isinstance(max_frames, bool) or not isinstance(max_frames, int | np.integer) or max_frames < 1:
+            raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
+        if not (isinstance(temperature, int | float) and np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= cfg.audio_vocab_size:
+            raise ValueError(f"top_k must be an int in 1..{cfg.audio_vocab_size}, got {top_k!r}")
+        batch = (tokens[None], mask[None]) if tokens.ndim == 2 else (tokens, mask)
+        prompts = []
+        for t, m in zip(*batch):
+            rows = np.flatnonzero(m.any(axis=-1))
+            if rows.size == 0:
+                raise ValueError("prompt is empty (no unmasked row)")
+            t, m = t[: rows[-1] + 1], m[: rows[-1] + 1]
+            audio_bad = m[:, :k] & ((t[:, :k] < 0) | (t[:, :k] >= cfg.audio_vocab_size))
+            text_bad = m[:, k] & ((t[:, k] < 0) | (t[:, k] >= cfg.text_vocab_size))
+            if audio_bad.any() or text_bad.any():
+                raise ValueError(f"tokens out of range: audio codes must be in [0, {cfg.audio_vocab_size}), "
+                                 f"text ids in [0, {cfg.text_vocab_size})")
+            if len(t) + max_frames > self.engine_max_len:
+                raise ValueError(f"prompt of {len(t)} rows + {max_frames} frames exceeds the "
+                                 f"{self.engine_max_len}-position context")
+            prompts.append((t.astype(np.int32), m))
+        return prompts
+
+    @property
+    def engine_max_len(self) -> int:
+        return self.cfg.backbone.max_seq_len
+
+    def _frames(self, prompts: list[tuple[np.ndarray, np.ndarray]], max_frames: int, temperature: float,
+                top_k: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (codes int32 [B, K'], live bool [B]) per frame; a row stops at its first all-zero frame."""
+        b = len(prompts)
+        eng = self.engine(b)
+        state = eng.prefill(eng.init_state(), list(range(b)), prompts, seeds=[seed + i for i in range(b)],
+                            temperature=[temperature] * b, top_k=[top_k] * b)
+        live = np.ones(b, bool)
+        for _ in range(max_frames):
+            state, codes = eng.step(state)
+            codes = np.asarray(codes)
+            live &= codes.any(axis=-1)
+            if not live.any():
+                return
+            yield codes, live.copy()
+
+    def generate_codes(self, tokens: Any, mask: Any, max_frames: int, temperature: float = 0.9, top_k: int = 50,
+                       seed: int = 0) -> np.ndarray | list[np.ndarray]:
+        """tokens int [S, K+1], mask bool [S, K+1] (column K is text) -> int32 codes [T, K'] (K' = num_codebooks),
+        stopping at the all-zero frame (not kept) or after max_frames. Batched [B, S, K+1] (trailing all-masked
+        rows are padding) -> a list of B arrays; row i samples with seed + i."""
+        prompts = self._check(tokens, mask, max_frames, temperature, top_k)
+        out: list[list[np.ndarray]] = [[] for _ in prompts]
+        for codes, live in self._frames(prompts, max_frames, temperature, top_k, seed):
+            for i in np.flatnonzero(live):
+                out[i].append(codes[i])
+        stacked = [np.stack(o) if o else np.zeros((0, self.num_codebooks), np.int32) for o in out]
+        return stacked[0] if np.asarray(tokens).ndim == 2 else stacked
+
+    # audio ---------------------------------------------------------------------------------------------
+    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
+               temperature: float = 0.9, top_k: int = 50, seed: int = 0) -> Iterator[np.ndarray]:
+        """Yield float32 audio chunks [1920] at 24 kHz, one per generated frame, decoded by the streaming codec."""
+        if self.codec is None:
+            raise ValueError("no codec loaded: audio output needs the Mimi weights")
+        tokens, mask = self.prompt(text, speaker, context)
+        max_frames = max(1, int(max_audio_ms) // FRAME_MS)
+        prompts = self._check(tokens, mask, max_frames, temperature, top_k)
+        decoder = self.codec.stream_decoder(1)
+        for codes, _ in self._frames(prompts, max_frames, temperature, top_k, seed):
+            yield np.asarray(decoder.step(codes))[0]
+
+    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
+                 temperature: float = 0.9, top_k: int = 50, seed: int = 0) -> np.ndarray:
+        """float32 [N] at 24 kHz (N = 1920 * frames)."""
+        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, top_k, seed))
+        return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+
+
+def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, num_codebooks: int | None = None,
+             dtype: str | None = None) -> Generator:
+    """A Generator from a transformers CSM dir (with `tokenizer.json` and `codec_model.*` when present), an
+    original Sesame checkpoint, or a converted dir. `codec` overrides where Mimi comes from."""
+    path = Path(path)
+    params, cfg = load_csm_params(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    root = path if path.is_dir() else path.parent
+    tokenizer = None
+    if (root / "tokenizer.json").is_file():
+        try:
+            tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise CheckpointError(f"cannot read {root / 'tokenizer.json'}: {e}") from e
+    if isinstance(codec, str | Path):
+        codec = load_codec(codec)
+    elif codec is None and path.is_dir() and (path / "config.json").is_file():
+        try:
+            codec = load_codec(path)
+        except CheckpointError:
+            codec = None  # no codec_model weights in this checkpoint
+    return Generator(params, cfg, codec, tokenizer, num_codebooks)
