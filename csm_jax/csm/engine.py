@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from csm_jax import sharding
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.llama import init_cache
 from csm_jax.csm.model import Csm
@@ -45,17 +48,46 @@ def bucket(length: int, max_len: int) -> int:
     return max_len
 
 
-class Engine:
-    """Compiled prefill / step over a fixed batch of rows. All arrays live on device between calls."""
+STATE_AXES = {  # logical axes of each DecodeState field (caches: per layer k and v)
+    "cache": ("batch", "cache_seq", "kv_heads", "head_dim"),
+    "row": ("batch", "frame"),
+    "vector": ("batch",),
+}
 
-    def __init__(self, params: Any, cfg: CsmConfig, batch_size: int, num_codebooks: int | None = None):
-        self.params, self.cfg, self.batch_size = params, cfg, batch_size
+
+class Engine:
+    """Compiled prefill / step over a fixed batch of rows. All arrays live on device between calls.
+
+    With a `mesh`, parameters and decode state are placed by logical-axis `rules` (default: rows over `data`,
+    heads and MLP over `tensor`) and every call keeps that layout.
+    """
+
+    def __init__(self, params: Any, cfg: CsmConfig, batch_size: int, num_codebooks: int | None = None,
+                 mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES):
+        self.cfg, self.batch_size = cfg, batch_size
         self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
         if not 2 <= self.num_codebooks <= cfg.num_codebooks:
             raise ValueError(f"num_codebooks must be in 2..{cfg.num_codebooks}, got {self.num_codebooks}")
         self.model = Csm(cfg)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=1)
-        self._step = jax.jit(self._step_impl, donate_argnums=1)
+        self.mesh = mesh
+        if mesh is None:
+            self.params = params
+            self._state_sharding = None
+            self._prefill = jax.jit(self._prefill_impl, donate_argnums=1)
+            self._step = jax.jit(self._step_impl, donate_argnums=1)
+            return
+        k = cfg.num_codebooks
+        boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros((1, 1, k + 1), jnp.int32),
+                                                        jnp.ones((1, 1, k + 1), bool)))["params"]
+        self.params = jax.device_put(params, sharding.tree_shardings(mesh, rules, boxed))
+        axes = lambda name: sharding.logical_sharding(mesh, rules, STATE_AXES[name])  # noqa: E731
+        self._state_sharding = DecodeState(
+            caches=[{"k": axes("cache"), "v": axes("cache")} for _ in range(cfg.backbone.num_layers)],
+            tokens=axes("row"), mask=axes("row"), positions=axes("vector"), keys=axes("row"),
+            temperature=axes("vector"), top_k=axes("vector"), done=axes("vector"),
+        )
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=1, out_shardings=self._state_sharding)
+        self._step = jax.jit(self._step_impl, donate_argnums=1, out_shardings=(self._state_sharding, axes("row")))
 
     @property
     def max_seq_len(self) -> int:
@@ -63,7 +95,7 @@ class Engine:
 
     def init_state(self) -> DecodeState:
         b, k = self.batch_size, self.cfg.num_codebooks
-        return DecodeState(
+        state = DecodeState(
             caches=init_cache(self.cfg.backbone, b, self.max_seq_len, self.cfg.compute_dtype),
             tokens=jnp.zeros((b, k + 1), jnp.int32),
             mask=jnp.zeros((b, k + 1), bool),
@@ -73,6 +105,7 @@ class Engine:
             top_k=jnp.ones((b,), jnp.int32),
             done=jnp.ones((b,), bool),
         )
+        return state if self.mesh is None else jax.device_put(state, self._state_sharding)
 
     # compiled bodies -----------------------------------------------------------------------------------
     def _apply(self, params: Any, method: Any, *args: Any) -> Any:

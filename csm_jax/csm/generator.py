@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
+from csm_jax import sharding
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.csm.config import CsmConfig
@@ -40,8 +42,10 @@ class Generator:
     """CSM + Mimi: text and context -> codes -> audio. Compiled engines are cached per batch size."""
 
     def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
-                 tokenizer: Tokenizer | None = None, num_codebooks: int | None = None):
+                 tokenizer: Tokenizer | None = None, num_codebooks: int | None = None, mesh: Mesh | None = None,
+                 rules: sharding.Rules = sharding.DEFAULT_RULES):
         self.params, self.cfg, self.codec, self.tokenizer = params, cfg, codec, tokenizer
+        self.mesh, self.rules = mesh, rules
         self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
         self._engines: dict[int, Engine] = {}
         if codec is not None and codec.config.num_quantizers < cfg.num_codebooks:
@@ -49,7 +53,8 @@ class Generator:
 
     def engine(self, batch_size: int) -> Engine:
         if batch_size not in self._engines:
-            self._engines[batch_size] = Engine(self.params, self.cfg, batch_size, self.num_codebooks)
+            self._engines[batch_size] = Engine(self.params, self.cfg, batch_size, self.num_codebooks, self.mesh,
+                                               self.rules)
         return self._engines[batch_size]
 
     # prompts ---------------------------------------------------------------------------------------------
@@ -189,7 +194,8 @@ class Generator:
 
 
 def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, num_codebooks: int | None = None,
-             dtype: str | None = None) -> Generator:
+             dtype: str | None = None, mesh: Mesh | None = None,
+             rules: sharding.Rules = sharding.DEFAULT_RULES) -> Generator:
     """A Generator from a transformers CSM dir (with `tokenizer.json` and `codec_model.*` when present), an
     original Sesame checkpoint, or a converted dir. `codec` overrides where Mimi comes from."""
     path = Path(path)
@@ -210,4 +216,4 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
             codec = load_codec(path)
         except CheckpointError:
             codec = None  # no codec_model weights in this checkpoint
-    return Generator(params, cfg, codec, tokenizer, num_codebooks)
+    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules)
