@@ -40,16 +40,26 @@ def make_mesh(data: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | No
     return Mesh(np.array(devices[: data * tensor]).reshape(data, tensor), ("data", "tensor"))
 
 
-def logical_sharding(mesh: Mesh, rules: Rules, axes: tuple[str | None, ...]) -> NamedSharding:
-    """NamedSharding for one array whose dimensions carry logical names `axes`."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
+def _fit(mesh: Mesh, spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dimension (e.g. 1 KV head over tensor=2 stays replicated)."""
+    fitted = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        fitted.append(axis if dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, axes: tuple[str | None, ...], shape: Sequence[int]) -> NamedSharding:
+    """NamedSharding for one array of `shape` whose dimensions carry logical names `axes`."""
+    return NamedSharding(mesh, _fit(mesh, nn.logical_to_mesh_axes(axes, rules), shape))
 
 
 def tree_shardings(mesh: Mesh, rules: Rules, boxed_abstract: Any) -> Any:
-    """Shardings for a tree of `nn.Partitioned` boxes (e.g. `jax.eval_shape(model.init, ...)`), unboxed."""
-    specs = nn.get_partition_spec(boxed_abstract)
+    """Shardings for a tree of `nn.Partitioned` boxes around ShapeDtypeStructs (`jax.eval_shape(model.init, ...)`),
+    returned unboxed."""
     return jax.tree_util.tree_map(
-        lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules)),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
+        lambda box: logical_sharding(mesh, rules, box.names, box.value.shape),
+        boxed_abstract,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )

@@ -40,6 +40,12 @@ class DecodeState:
     done: jax.Array  # bool [B]
 
 
+def _state_kinds(num_layers: int) -> DecodeState:
+    """A DecodeState-shaped tree naming each field's STATE_AXES entry."""
+    return DecodeState(caches=[{"k": "cache", "v": "cache"} for _ in range(num_layers)], tokens="row", mask="row",
+                       positions="vector", keys="row", temperature="vector", top_k="vector", done="vector")
+
+
 def bucket(length: int, max_len: int) -> int:
     """Smallest prefill bucket >= length (static shapes: one compilation per bucket)."""
     for b in PREFILL_BUCKETS:
@@ -80,22 +86,27 @@ class Engine:
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros((1, 1, k + 1), jnp.int32),
                                                         jnp.ones((1, 1, k + 1), bool)))["params"]
         self.params = jax.device_put(params, sharding.tree_shardings(mesh, rules, boxed))
-        axes = lambda name: sharding.logical_sharding(mesh, rules, STATE_AXES[name])  # noqa: E731
-        self._state_sharding = DecodeState(
-            caches=[{"k": axes("cache"), "v": axes("cache")} for _ in range(cfg.backbone.num_layers)],
-            tokens=axes("row"), mask=axes("row"), positions=axes("vector"), keys=axes("row"),
-            temperature=axes("vector"), top_k=axes("vector"), done=axes("vector"),
+        abstract = jax.eval_shape(self._zero_state)
+        self._state_sharding = jax.tree_util.tree_map(
+            lambda leaf, kind: sharding.logical_sharding(mesh, rules, STATE_AXES[kind], leaf.shape),
+            abstract, _state_kinds(cfg.backbone.num_layers),
         )
+        codes = sharding.logical_sharding(mesh, rules, STATE_AXES["row"], (batch_size, self.num_codebooks))
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=1, out_shardings=self._state_sharding)
-        self._step = jax.jit(self._step_impl, donate_argnums=1, out_shardings=(self._state_sharding, axes("row")))
+        self._step = jax.jit(self._step_impl, donate_argnums=1, out_shardings=(self._state_sharding, codes))
 
     @property
     def max_seq_len(self) -> int:
         return self.cfg.backbone.max_seq_len
 
     def init_state(self) -> DecodeState:
+        """All rows idle (done); `prefill` activates rows."""
+        state = self._zero_state()
+        return state if self.mesh is None else jax.device_put(state, self._state_sharding)
+
+    def _zero_state(self) -> DecodeState:
         b, k = self.batch_size, self.cfg.num_codebooks
-        state = DecodeState(
+        return DecodeState(
             caches=init_cache(self.cfg.backbone, b, self.max_seq_len, self.cfg.compute_dtype),
             tokens=jnp.zeros((b, k + 1), jnp.int32),
             mask=jnp.zeros((b, k + 1), bool),
@@ -105,7 +116,6 @@ class Engine:
             top_k=jnp.ones((b,), jnp.int32),
             done=jnp.ones((b,), bool),
         )
-        return state if self.mesh is None else jax.device_put(state, self._state_sharding)
 
     # compiled bodies -----------------------------------------------------------------------------------
     def _apply(self, params: Any, method: Any, *args: Any) -> Any:

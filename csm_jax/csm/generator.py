@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,4 +217,8 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
             codec = load_codec(path)
         except CheckpointError:
             codec = None  # no codec_model weights in this checkpoint
+        if codec is not None and codec.config.num_quantizers < cfg.num_codebooks:
+            warnings.warn(f"{path}: bundled codec has {codec.config.num_quantizers} codebooks, CSM needs "
+                          f"{cfg.num_codebooks}; audio APIs are disabled (pass codec=...)", stacklevel=2)
+            codec = None
     return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules)
