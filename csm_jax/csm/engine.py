@@ -37,13 +37,15 @@ class DecodeState:
     keys: jax.Array  # PRNG key data uint32 [B, 2]
     temperature: jax.Array  # float32 [B]
     top_k: jax.Array  # int32 [B]
+    code_limit: jax.Array  # int32 [B]: audio codes are sampled from [0, code_limit) (the codec's range)
     done: jax.Array  # bool [B]
 
 
 def _state_kinds(num_layers: int) -> DecodeState:
     """A DecodeState-shaped tree naming each field's STATE_AXES entry."""
     return DecodeState(caches=[{"k": "cache", "v": "cache"} for _ in range(num_layers)], tokens="row", mask="row",
-                       positions="vector", keys="row", temperature="vector", top_k="vector", done="vector")
+                       positions="vector", keys="row", temperature="vector", top_k="vector", code_limit="vector",
+                       done="vector")
 
 
 def bucket(length: int, max_len: int) -> int:
@@ -114,6 +116,7 @@ class Engine:
             keys=jnp.zeros((b, 2), jnp.uint32),
             temperature=jnp.ones((b,), jnp.float32),
             top_k=jnp.ones((b,), jnp.int32),
+            code_limit=jnp.full((b,), self.cfg.audio_vocab_size, jnp.int32),
             done=jnp.ones((b,), bool),
         )
 
@@ -123,7 +126,7 @@ class Engine:
 
     def _prefill_impl(self, params: Any, state: DecodeState, tokens: jax.Array, mask: jax.Array,
                       lengths: jax.Array, rows: jax.Array, seeds: jax.Array, temperature: jax.Array,
-                      top_k: jax.Array) -> DecodeState:
+                      top_k: jax.Array, code_limit: jax.Array) -> DecodeState:
         """Write prompts tokens/mask [R, S, K+1] (lengths [R]) into rows `rows` [R] of the state.
         Positions 0..len-2 are cached; the last prompt row becomes the first frame step's input."""
         r, s = tokens.shape[:2]
@@ -140,6 +143,7 @@ class Engine:
             keys=state.keys.at[rows].set(jax.vmap(lambda s: jax.random.key_data(jax.random.key(s)))(seeds)),
             temperature=state.temperature.at[rows].set(temperature),
             top_k=state.top_k.at[rows].set(top_k),
+            code_limit=state.code_limit.at[rows].set(code_limit),
             done=state.done.at[rows].set(False),
         )
 
@@ -151,7 +155,13 @@ class Engine:
         # keys: [B, k_gen + 1]; the last one carries the row's stream to the next frame
         c0_logits, hidden, caches = self._apply(params, Csm.backbone_step, state.tokens[:, None], state.mask[:, None],
                                                 state.positions[:, None], state.caches)
-        sample = jax.vmap(lambda lg, key, t, k: sample_top_k(lg[None], key, t[None], k[None])[0])
+        vocab = jnp.arange(cfg.audio_vocab_size)
+
+        def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
+            logits = jnp.where(vocab < state.code_limit[:, None], logits, -jnp.inf)
+            return jax.vmap(lambda lg, key, t, k: sample_top_k(lg[None], key, t[None], k[None])[0])(
+                logits, keys, temperature, top_k)
+
         c0 = sample(c0_logits[:, 0], keys[:, 0], state.temperature, state.top_k)
         h_last = hidden[:, 0]
 
@@ -188,14 +198,18 @@ class Engine:
             keys=jax.vmap(lambda ks: jax.random.key_data(ks[-1]))(keys),
             temperature=state.temperature,
             top_k=state.top_k,
+            code_limit=state.code_limit,
             done=state.done | eos,
         )
         return new_state, codes
 
     # host API ------------------------------------------------------------------------------------------
     def prefill(self, state: DecodeState, rows: list[int], prompts: list[tuple[np.ndarray, np.ndarray]],
-                seeds: list[int], temperature: list[float], top_k: list[int]) -> DecodeState:
-        """Insert prompts (tokens int [S_i, K+1], mask bool [S_i, K+1]) into `rows` of `state`."""
+                seeds: list[int], temperature: list[float], top_k: list[int],
+                code_limit: list[int] | None = None) -> DecodeState:
+        """Insert prompts (tokens int [S_i, K+1], mask bool [S_i, K+1]) into `rows` of `state`. `code_limit`
+        restricts sampled audio codes to [0, limit) per row (default: the whole audio vocab)."""
+        code_limit = code_limit or [self.cfg.audio_vocab_size] * len(rows)
         lengths = [len(t) for t, _ in prompts]
         s = bucket(max(lengths), self.max_seq_len)
         k1 = self.cfg.num_codebooks + 1
@@ -206,7 +220,7 @@ class Engine:
         return self._prefill(
             self.params, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths, jnp.int32),
             jnp.asarray(rows, jnp.int32), jnp.asarray(seeds, jnp.uint32), jnp.asarray(temperature, jnp.float32),
-            jnp.asarray(top_k, jnp.int32),
+            jnp.asarray(top_k, jnp.int32), jnp.asarray(code_limit, jnp.int32),
         )
 
     def step(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:

@@ -146,12 +146,13 @@ class Generator:
         return self.cfg.backbone.max_seq_len
 
     def _frames(self, prompts: list[tuple[np.ndarray, np.ndarray]], max_frames: int, temperature: float,
-                top_k: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                top_k: int, seed: int, code_limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (codes int32 [B, K'], live bool [B]) per frame; a row stops at its first all-zero frame."""
         b = len(prompts)
         eng = self.engine(b)
+        limit = [code_limit or self.cfg.audio_vocab_size] * b
         state = eng.prefill(eng.init_state(), list(range(b)), prompts, seeds=[seed + i for i in range(b)],
-                            temperature=[temperature] * b, top_k=[top_k] * b)
+                            temperature=[temperature] * b, top_k=[top_k] * b, code_limit=limit)
         live = np.ones(b, bool)
         for _ in range(max_frames):
             state, codes = eng.step(state)
@@ -184,7 +185,8 @@ class Generator:
         max_frames = max(1, int(max_audio_ms) // FRAME_MS)
         prompts = self._check(tokens, mask, max_frames, temperature, top_k)
         decoder = self.codec.stream_decoder(1)
-        for codes, _ in self._frames(prompts, max_frames, temperature, top_k, seed):
+        limit = self.codec.config.codebook_size  # CSM's vocab has special ids past the codec's range
+        for codes, _ in self._frames(prompts, max_frames, temperature, top_k, seed, limit):
             yield np.asarray(decoder.step(codes))[0]
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
@@ -212,6 +214,8 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
             raise CheckpointError(f"cannot read {root / 'tokenizer.json'}: {e}") from e
     if isinstance(codec, str | Path):
         codec = load_codec(codec)
+    elif codec is None and (path / "codec").is_dir():  # converted checkpoint (`python -m csm_jax.csm convert`)
+        codec = load_codec(path / "codec")
     elif codec is None and path.is_dir() and (path / "config.json").is_file():
         try:
             codec = load_codec(path)

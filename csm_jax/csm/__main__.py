@@ -1,0 +1,84 @@
+"""Command line for CSM.
+
+    python -m csm_jax.csm generate --checkpoint CKPT --text "Hello there." --out hello.wav [--speaker 0]
+        [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature 0.9] [--top-k 50]
+        [--seed 0] [--num-codebooks 32]
+    python -m csm_jax.csm convert SRC DST     # transformers / original checkpoint -> orbax dir (+ tokenizer, codec)
+
+CKPT is anything `csm_jax.load_csm` reads; it defaults to $CSM_JAX_CSM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import soundfile as sf
+
+from csm_jax.audio import AudioError, load_audio
+from csm_jax.checkpoint import CheckpointError
+from csm_jax.csm.generator import Segment, load_csm
+from csm_jax.csm.weights import load_csm_params, save_converted
+
+
+def _segment(spec: str) -> Segment:
+    """`speaker:transcript:path.wav` -> Segment (the transcript may contain ':')."""
+    speaker, _, rest = spec.partition(":")
+    text, _, wav = rest.rpartition(":")
+    if not speaker.isdigit() or not text or not wav:
+        raise ValueError(f"--context must be speaker:transcript:path.wav, got {spec!r}")
+    return Segment(int(speaker), text, load_audio(wav))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m csm_jax.csm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text (+ context) -> wav")
+    g.add_argument("--checkpoint", help="CSM checkpoint (default: $CSM_JAX_CSM)")
+    g.add_argument("--text", required=True)
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--speaker", type=int, default=0)
+    g.add_argument("--context", action="append", default=[], help="speaker:transcript:path.wav (repeatable)")
+    g.add_argument("--max-audio-ms", type=int, default=10_000)
+    g.add_argument("--temperature", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-codebooks", type=int, default=None)
+    c = sub.add_parser("convert", help="write a converted orbax checkpoint")
+    c.add_argument("input", type=Path)
+    c.add_argument("output", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            params, cfg = load_csm_params(args.input)
+            out = save_converted(args.output, params, cfg)
+            src = args.input if args.input.is_dir() else args.input.parent
+            if (src / "tokenizer.json").is_file():
+                shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
+            gen = load_csm(args.input)
+            if gen.codec is not None:
+                gen.codec.save(out / "codec")
+            print(f"wrote {out}")
+            return 0
+        ckpt = args.checkpoint or os.environ.get("CSM_JAX_CSM")
+        if not ckpt:
+            raise CheckpointError("no CSM checkpoint: pass --checkpoint or set CSM_JAX_CSM")
+        if not args.out.absolute().parent.is_dir():
+            raise ValueError(f"cannot write {args.out}: directory {args.out.absolute().parent} does not exist")
+        context = [_segment(spec) for spec in args.context]
+        gen = load_csm(ckpt, num_codebooks=args.num_codebooks)
+        audio = gen.generate(args.text, args.speaker, context, args.max_audio_ms, args.temperature, args.top_k,
+                             args.seed)
+        sf.write(args.out, audio, 24_000, subtype="PCM_16")
+        print(f"{len(audio) / 24_000:.2f} s of audio -> {args.out}")
+        return 0
+    except (AudioError, CheckpointError, ValueError, TypeError, OSError, sf.SoundFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
