@@ -1,0 +1,75 @@
+"""`python -m csm_jax.csm`: generate a wav from text (with a context segment) and convert to orbax."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import soundfile as sf
+from csm_fixtures import get_reference
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import csm_jax
+from csm_jax.csm.__main__ import main
+
+CLIP = "tests/data/speech_1s.wav"
+
+
+def _checkpoint_with_tokenizer(tmp_path_factory):
+    src = get_reference("tiny", tmp_path_factory).hf_dir
+    dst = tmp_path_factory.mktemp("csm_cli") / "ckpt"
+    shutil.copytree(src, dst)
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "[UNK]": 2}
+    for word in "[ ] 0 1 hello there how are you hi".split():
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tok.save(str(dst / "tokenizer.json"))
+    return dst
+
+
+def test_generate_and_convert(tmp_path_factory, tmp_path):
+    ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
+    args = ["--text", "hello there", "--max-audio-ms", "800", "--top-k", "5", "--seed", "3",
+            "--context", f"1:hi how are you:{CLIP}"]
+    out = tmp_path / "a.wav"
+    assert main(["generate", "--checkpoint", str(ckpt), "--out", str(out), *args]) == 0
+    audio, sr = sf.read(out, dtype="float32")
+    assert sr == 24_000 and len(audio) % 1920 == 0 and 0 < len(audio) <= 10 * 1920
+
+    gen = csm_jax.load_csm(ckpt)
+    context = [csm_jax.Segment(1, "hi how are you", csm_jax.load_audio(CLIP))]
+    expected = gen.generate("hello there", 0, context, max_audio_ms=800, top_k=5, seed=3)
+    np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=1.5 / 32768)  # PCM16 rounding
+
+    converted = tmp_path / "converted"
+    assert main(["convert", str(ckpt), str(converted)]) == 0
+    assert {"params", "codec", "tokenizer.json", "csm_jax.json"} <= {p.name for p in converted.iterdir()}
+    out2 = tmp_path / "b.wav"
+    assert main(["generate", "--checkpoint", str(converted), "--out", str(out2), *args]) == 0
+    np.testing.assert_array_equal(sf.read(out2, dtype="float32")[0], audio)
+
+
+def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
+    monkeypatch.delenv("CSM_JAX_CSM", raising=False)
+    cases = [
+        (["generate", "--text", "hi", "--out", str(tmp_path / "x.wav")], "CSM_JAX_CSM"),
+        (["generate", "--checkpoint", str(tmp_path / "nope"), "--text", "hi", "--out", str(tmp_path / "x.wav")],
+         "no such checkpoint"),
+        (["generate", "--checkpoint", str(ckpt), "--text", "  ", "--out", str(tmp_path / "x.wav")], "non-empty"),
+        (["generate", "--checkpoint", str(ckpt), "--text", "hi", "--out", str(tmp_path / "x.wav"),
+          "--context", "one:hi"], "speaker:transcript:path.wav"),
+        (["generate", "--checkpoint", str(ckpt), "--text", "hi", "--out", str(tmp_path / "x.wav"),
+          "--context", f"1:hi:{tmp_path / 'missing.wav'}"], "not found"),
+        (["generate", "--checkpoint", str(ckpt), "--text", "hi", "--out", str(tmp_path / "x.wav"),
+          "--temperature", "0"], "temperature"),
+        (["generate", "--checkpoint", str(ckpt), "--text", "hi", "--out", str(tmp_path / "no" / "x.wav")],
+         "does not exist"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err, (argv, err)
+    assert not (tmp_path / "x.wav").exists()
