@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -105,7 +106,7 @@ class Generator:
         return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts])
 
     # codes ---------------------------------------------------------------------------------------------
-    def _check(self, tokens: Any, mask: Any, max_frames: int, temperature: float, top_k: int
+    def _check(self, tokens: Any, mask: Any, max_frames: int, temperature: float, top_k: int, seed: int
                ) -> list[tuple[np.ndarray, np.ndarray]]:
         cfg = self.cfg
         k = cfg.num_codebooks
@@ -119,11 +120,14 @@ class Generator:
                              f"got {list(tokens.shape)} and {list(mask.shape)}")
         if isinstance(max_frames, bool) or not isinstance(max_frames, int | np.integer) or max_frames < 1:
             raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
-        if not (isinstance(temperature, int | float) and np.isfinite(temperature) and temperature > 0):
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+                np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= cfg.audio_vocab_size:
             raise ValueError(f"top_k must be an int in 1..{cfg.audio_vocab_size}, got {top_k!r}")
         batch = (tokens[None], mask[None]) if tokens.ndim == 2 else (tokens, mask)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**32 - len(batch[0]):
+            raise ValueError(f"seed must be an int in [0, 2**32 - batch size], got {seed!r}")
         prompts = []
         for t, m in zip(*batch):
             rows = np.flatnonzero(m.any(axis=-1))
@@ -167,7 +171,7 @@ class Generator:
         """tokens int [S, K+1], mask bool [S, K+1] (column K is text) -> int32 codes [T, K'] (K' = num_codebooks),
         stopping at the all-zero frame (not kept) or after max_frames. Batched [B, S, K+1] (trailing all-masked
         rows are padding) -> a list of B arrays; row i samples with seed + i."""
-        prompts = self._check(tokens, mask, max_frames, temperature, top_k)
+        prompts = self._check(tokens, mask, max_frames, temperature, top_k, seed)
         out: list[list[np.ndarray]] = [[] for _ in prompts]
         for codes, live in self._frames(prompts, max_frames, temperature, top_k, seed):
             for i in np.flatnonzero(live):
@@ -178,16 +182,17 @@ class Generator:
     # audio ---------------------------------------------------------------------------------------------
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
                temperature: float = 0.9, top_k: int = 50, seed: int = 0) -> Iterator[np.ndarray]:
-        """Yield float32 audio chunks [1920] at 24 kHz, one per generated frame, decoded by the streaming codec."""
+        """Float32 audio chunks [1920] at 24 kHz, one per generated frame, decoded by the streaming codec.
+        Inputs are validated (and the prompt encoded) before this returns, so errors surface at the call."""
         if self.codec is None:
             raise ValueError("no codec loaded: audio output needs the Mimi weights")
         tokens, mask = self.prompt(text, speaker, context)
         max_frames = max(1, int(max_audio_ms) // FRAME_MS)
-        prompts = self._check(tokens, mask, max_frames, temperature, top_k)
+        prompts = self._check(tokens, mask, max_frames, temperature, top_k, seed)
         decoder = self.codec.stream_decoder(1)
         limit = self.codec.config.codebook_size  # CSM's vocab has special ids past the codec's range
-        for codes, _ in self._frames(prompts, max_frames, temperature, top_k, seed, limit):
-            yield np.asarray(decoder.step(codes))[0]
+        frames = self._frames(prompts, max_frames, temperature, top_k, seed, limit)
+        return (np.asarray(decoder.step(codes))[0] for codes, _ in frames)
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
                  temperature: float = 0.9, top_k: int = 50, seed: int = 0) -> np.ndarray:

@@ -41,6 +41,7 @@ class Csm(nn.Module):
         """tokens int32 [B, S, K+1], mask bool [B, S, K+1] -> float [B, S, D_backbone] (masked embedding sum)."""
         cfg = self.cfg
         k = cfg.num_codebooks
+        tokens = jnp.where(mask, tokens, 0)  # masked columns may hold any filler; never index with it
         offsets = jnp.arange(k, dtype=jnp.int32) * cfg.audio_vocab_size
         audio = jnp.take(self.audio_embeddings, tokens[..., :k] + offsets, axis=0)  # [B, S, K, D]
         text = jnp.take(self.text_embeddings, tokens[..., k], axis=0)  # [B, S, D]
