@@ -79,7 +79,7 @@ class Engine:
         self.model = Csm(cfg)
         self.mesh = mesh
         if mesh is None:
-            self.params = params
+            self.params = jax.device_put(params)  # once: host arrays would be re-transferred on every call
             self._state_sharding = None
             self._prefill = jax.jit(self._prefill_impl, donate_argnums=1)
             self._step = jax.jit(self._step_impl, donate_argnums=1)

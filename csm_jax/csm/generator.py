@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
@@ -46,8 +47,9 @@ class Generator:
     def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
                  tokenizer: Tokenizer | None = None, num_codebooks: int | None = None, mesh: Mesh | None = None,
                  rules: sharding.Rules = sharding.DEFAULT_RULES):
-        self.params, self.cfg, self.codec, self.tokenizer = params, cfg, codec, tokenizer
+        self.cfg, self.codec, self.tokenizer = cfg, codec, tokenizer
         self.mesh, self.rules = mesh, rules
+        self.params = params if mesh is not None else jax.device_put(params)  # one device copy for all engines
         self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
         self._engines: dict[int, Engine] = {}
         if codec is not None and codec.config.num_quantizers < cfg.num_codebooks:
