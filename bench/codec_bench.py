@@ -35,6 +35,7 @@ import torch
 import transformers
 
 import csm_jax
+from bench_env import print_environment, verdict
 
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "speech_14s.wav"
 SAMPLE_RATE = 24_000
@@ -106,10 +107,6 @@ def streaming(hf_step: Callable[[int], Any], stream: Any, inputs: list[Any], fra
     return tuple(stats(times[side], first_ms=first[side]) for side in (0, 1))
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats of each offline call (default 5)")
@@ -122,15 +119,7 @@ def main() -> None:
     if not 1 <= args.frames <= n_frames:
         ap.error(f"--frames must be in 1..{n_frames}")
 
-    print(
-        f"python {platform.python_version()} | jax {jax.__version__} ({jax.devices()[0].device_kind}) | "
-        f"torch {torch.__version__} | transformers {transformers.__version__}\n"
-        f"cpus: {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}) | torch threads: {torch.get_num_threads()} "
-        f"(torch default, unchanged; XLA uses its own CPU thread pool)"
-    )
-    load = os.getloadavg()[0]
-    print(f"load average (1 min) at start: {load:.2f}" + ("  <- other processes are busy; timings will be noisy"
-                                                         if load > 0.5 else ""))
+    load = print_environment()
     transformers.utils.logging.disable_progress_bar()
     audio, sr = sf.read(SPEECH, dtype="float32")
     assert sr == SAMPLE_RATE and audio.ndim == 1, (sr, audio.shape)

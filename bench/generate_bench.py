@@ -50,6 +50,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 import csm_jax
+from bench_env import print_environment, verdict
 
 TARGET_SPEEDUP = 3.0
 TARGET_FLOOR_RATIO = 1.5
@@ -313,10 +314,6 @@ class OtherLoad:
         return max(0.0, other) / max(time.perf_counter() - self.t0, 1e-9)
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=8, help="timed frames per run and side (default 8)")
@@ -330,15 +327,7 @@ def main() -> None:
         ap.error("--frames and --repeats must be >= 1")
     t_start = time.perf_counter()
 
-    print(
-        f"python {platform.python_version()} | jax {jax.__version__} ({jax.devices()[0].device_kind}) | "
-        f"torch {torch.__version__} | transformers {transformers.__version__}\n"
-        f"cpus: {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}) | torch threads: {torch.get_num_threads()} "
-        f"(torch default, unchanged; XLA uses its own CPU thread pool)"
-    )
-    load = os.getloadavg()[0]
-    print(f"load average (1 min) at start: {load:.2f}" + ("  <- other processes are busy; timings will be noisy"
-                                                         if load > 0.5 else ""))
+    load = print_environment()
     if args.tiny:
         print("--tiny: a small CSM, to test this script only; the numbers below are not a benchmark")
     transformers.utils.logging.set_verbosity_error()
