@@ -25,5 +25,14 @@ def print_environment() -> float:
     return load
 
 
+def environment(load: float) -> dict[str, object]:
+    """The environment as a JSON-able dict, for `--json` outputs."""
+    return {
+        "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1min_start": load,
+    }
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"

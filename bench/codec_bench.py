@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,7 +33,7 @@ import torch
 import transformers
 
 import csm_jax
-from bench_env import print_environment, verdict
+from bench_env import environment, print_environment, verdict
 
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "speech_14s.wav"
 SAMPLE_RATE = 24_000
@@ -221,11 +219,7 @@ def main() -> None:
 
     if args.json:
         args.json.write_text(json.dumps({
-            "env": {
-                "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-                "transformers": transformers.__version__, "device": str(jax.devices()[0]),
-                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1min_start": load,
-            },
+            "env": environment(load),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "results": r, "speedup": speedup, "agreement": agree, "targets_met": targets,
         }, indent=2))

@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -50,7 +49,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 import csm_jax
-from bench_env import print_environment, verdict
+from bench_env import environment, print_environment, verdict
 
 TARGET_SPEEDUP = 3.0
 TARGET_FLOOR_RATIO = 1.5
@@ -481,12 +480,8 @@ def main() -> None:
 
     if args.json:
         args.json.write_text(json.dumps({
-            "env": {
-                "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-                "transformers": transformers.__version__, "device": str(jax.devices()[0]),
-                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1min_start": load,
-                "peak_rss_gb": peak_rss_gb(), "other_process_cores_during_timed_runs": other_cores,
-            },
+            "env": {**environment(load), "peak_rss_gb": peak_rss_gb(),
+                    "other_process_cores_during_timed_runs": other_cores},
             "args": {key: str(v) if isinstance(v, Path) else v for key, v in vars(args).items()},
             "prompt_rows": len(tokens), "jax_param_leaf_types": leaf_types, "results": r, "jax_first_calls": first,
             "bandwidth_gbps": bw, "bandwidth_probes": {"start": p0, **probes}, "bytes": fb,
