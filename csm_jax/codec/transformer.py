@@ -13,24 +13,9 @@ import jax.numpy as jnp
 
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.layers import State
+from csm_jax.rope import apply_rope, inv_frequencies
 
 _NEG = -1e30
-
-
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """positions int32 [..., T] -> cos, sin float32 [..., T, head_dim] (rotate-half layout)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, H, D], cos/sin [B or 1, T, D] -> rotated x in float32 (rotate-half pairing)."""
-    x = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -61,8 +46,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] at positions 0..T-1 -> [B, T, D]."""

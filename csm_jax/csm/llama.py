@@ -7,13 +7,12 @@ An optional static KV cache (slot = absolute position) serves prefill and one-st
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from csm_jax.csm.config import LlamaConfig
+from csm_jax.rope import apply_rope, inv_frequencies
 
 Cache = dict[str, jax.Array]
 _NEG = -1e30
@@ -22,31 +21,6 @@ _NEG = -1e30
 def dense(features: int, axes: tuple[str, str], dtype: jnp.dtype, name: str | None = None) -> nn.Dense:
     init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
     return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=init, name=name)
-
-
-def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
-    """float32 [head_dim / 2] inverse frequencies, with llama3 scaling when configured."""
-    d = cfg.head_dim
-    inv = 1.0 / cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    if cfg.rope_scaling is None:
-        return inv
-    factor, low, high, old_len = cfg.rope_scaling
-    wavelen = 2 * math.pi / inv
-    scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(medium, smoothed, scaled)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [B, T, H, D], positions int32 [B, T] -> rotated x (rotate-half pairing), computed in float32."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +48,7 @@ class Attention(nn.Module):
         q = dense(h * hd, ("embed", "heads"), dt, "q_proj")(x).reshape(b, t, h, hd)
         k = dense(hkv * hd, ("embed", "kv_heads"), dt, "k_proj")(x).reshape(b, t, hkv, hd)
         v = dense(hkv * hd, ("embed", "kv_heads"), dt, "v_proj")(x).reshape(b, t, hkv, hd)
-        inv_freq = rope_inv_freq(cfg)
+        inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
             keys, values, k_pos = k, v, positions
