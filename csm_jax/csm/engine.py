@@ -224,5 +224,10 @@ class Engine:
         )
 
     def step(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One frame for every row -> (new state, codes int32 [B, num_codebooks]); finished rows emit zeros."""
         return self._step(self.params, state)
+
+    def release(self, state: DecodeState, rows: list[int]) -> DecodeState:
+        """Mark `rows` finished (cancelled or ended early); they emit zeros until `prefill` refills them."""
+        return dataclasses.replace(state, done=state.done.at[jnp.asarray(rows, jnp.int32)].set(True))
 

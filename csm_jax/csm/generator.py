@@ -87,12 +87,21 @@ class Generator:
         audio = np.asarray(audio)
         if audio.ndim != 1:
             raise ValueError(f"segment audio must be mono float [N], got shape {list(audio.shape)}")
+        return self.code_rows(np.asarray(self.codec.encode(audio[None]))[0, : self.cfg.num_codebooks].T)
+
+    def code_rows(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Audio codes int [T, K'] (K' <= K codebooks) plus one all-zero EOS frame -> audio rows tokens int32
+        [T+1, K+1], mask bool [T+1, K+1]; codebooks past K' are masked out."""
+        codes = np.asarray(codes)
         k = self.cfg.num_codebooks
-        codes = np.asarray(self.codec.encode(audio[None]))[0, :k]  # [K, T]
-        codes = np.concatenate([codes, np.zeros((k, 1), np.int32)], axis=1)
-        tokens = np.zeros((codes.shape[1], k + 1), np.int32)
-        mask = np.zeros((codes.shape[1], k + 1), bool)
-        tokens[:, :k], mask[:, :k] = codes.T, True
+        if codes.ndim != 2 or not 1 <= codes.shape[1] <= k or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be int [T, K'] with K' <= {k}, got {codes.dtype} {list(codes.shape)}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.cfg.audio_vocab_size):
+            raise ValueError(f"audio codes must be in [0, {self.cfg.audio_vocab_size})")
+        t, kk = codes.shape
+        tokens = np.zeros((t + 1, k + 1), np.int32)
+        mask = np.zeros((t + 1, k + 1), bool)
+        tokens[:t, :kk], mask[:, :kk] = codes, True
         return tokens, mask
 
     def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[np.ndarray, np.ndarray]:
