@@ -1,0 +1,812 @@
+// csm-jax web client: speaks the WebSocket protocol v1 (docs/protocol.md). No build step, no network fetches
+// besides the page's own server.
+
+const $ = (id) => document.getElementById(id);
+
+const DEFAULT_SAMPLE_RATE = 24000;
+const DEFAULT_FRAME_SAMPLES = 1920;
+const PLAYBACK_LEAD_S = 0.12; // jitter buffer before the first frame of a response (and after an underrun)
+const RECORD_CHUNK_S = 0.1; // size of the binary chunks of a recorded user turn
+const MAX_ERRORS_SHOWN = 50;
+
+// Test/automation hook: kept up to date as events arrive.
+const hook = {
+  connected: false,
+  ready: null,
+  conversationId: null,
+  framesReceived: 0, // frames of the current (or last) response
+  samplesReceived: 0,
+  totalFrames: 0, // all binary frames on this page
+  framesScheduled: 0, // frames handed to WebAudio
+  underruns: 0,
+  lastStarted: null,
+  lastDone: null,
+  lastStored: null,
+  recording: false,
+  recordedSamples: 0,
+  recordSampleRate: null,
+  history: [],
+  errors: [],
+  events: [], // every JSON event received
+  sent: [], // every JSON event sent
+  playback() {
+    // Snapshot of the playback AudioContext: its state, clock and where the next frame will start.
+    const ctx = state.play.ctx;
+    return ctx === null ? null : {state: ctx.state, sampleRate: ctx.sampleRate, currentTime: ctx.currentTime,
+      nextTime: state.play.nextTime, queued: state.play.sources.size};
+  },
+};
+window.csm = hook;
+
+const state = {
+  ws: null,
+  ready: null,
+  sessionId: null, // conversation started on this connection
+  lastConversationId: null, // survives reconnects (resume target)
+  nextId: 1,
+  pending: new Map(), // request id -> type
+  response: null, // {requestId, responseId, cancelled, sentAt, firstFrameAt, frames}
+  recording: null,
+  play: {ctx: null, gain: null, nextTime: 0, sources: new Set()},
+};
+
+// ---------------------------------------------------------------------------------------------- helpers
+
+function limits() {
+  return (state.ready && state.ready.limits) || {};
+}
+
+function sampleRate() {
+  return (state.ready && state.ready.sample_rate) || DEFAULT_SAMPLE_RATE;
+}
+
+function isOpen() {
+  return state.ws !== null && state.ws.readyState === WebSocket.OPEN;
+}
+
+function isReady() {
+  return isOpen() && state.ready !== null;
+}
+
+function intValue(id) {
+  const raw = $(id).value.trim();
+  if (raw === "") return undefined;
+  const n = Number(raw);
+  return Number.isFinite(n) ? Math.trunc(n) : undefined;
+}
+
+function floatValue(id) {
+  const raw = $(id).value.trim();
+  if (raw === "") return undefined;
+  const n = Number(raw);
+  return Number.isFinite(n) ? n : undefined;
+}
+
+function setStatus(stateName, text) {
+  const el = $("status");
+  el.dataset.state = stateName;
+  el.textContent = text;
+}
+
+function fmt(value, digits = 1) {
+  if (typeof value !== "number") return String(value);
+  return Number.isInteger(value) ? String(value) : value.toFixed(digits);
+}
+
+function fillDl(dl, entries) {
+  dl.replaceChildren();
+  for (const [key, value] of entries) {
+    const dt = document.createElement("dt");
+    dt.textContent = key;
+    const dd = document.createElement("dd");
+    dd.textContent = value === undefined || value === null ? "-" : String(value);
+    dd.dataset.key = key;
+    dl.append(dt, dd);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- errors
+
+function showError(code, message, id) {
+  const entry = {code, message, id: id === undefined ? null : id, at: new Date().toISOString()};
+  hook.errors.push(entry);
+  const li = document.createElement("li");
+  li.dataset.code = code;
+  const codeEl = document.createElement("code");
+  codeEl.textContent = code;
+  const what = id !== undefined && state.pending.has(id) ? ` (${state.pending.get(id)} #${id})` : "";
+  li.append(codeEl, document.createTextNode(`${what}: ${message}`));
+  const list = $("errors");
+  list.prepend(li);
+  while (list.children.length > MAX_ERRORS_SHOWN) list.lastElementChild.remove();
+}
+
+// ---------------------------------------------------------------------------------------------- sending
+
+function send(type, fields = {}) {
+  if (!isOpen()) {
+    showError("not_connected", `cannot send ${type}: not connected`);
+    return null;
+  }
+  const id = state.nextId++;
+  const message = {type, ...fields, id};
+  state.ws.send(JSON.stringify(message));
+  state.pending.set(id, type);
+  hook.sent.push(message);
+  return id;
+}
+
+function sendBinary(buffer) {
+  if (!isOpen()) return false;
+  state.ws.send(buffer);
+  return true;
+}
+
+function ensureSession() {
+  // Say / record without a session on this connection: resume the last conversation, or start a new one.
+  if (state.sessionId !== null) return;
+  if (state.pending.size > 0 && [...state.pending.values()].includes("session.start")) return;
+  const fields = state.lastConversationId ? {conversation_id: state.lastConversationId} : {};
+  send("session.start", fields);
+}
+
+// ---------------------------------------------------------------------------------------------- connection
+
+function wsUrl() {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const token = new URLSearchParams(location.search).get("token");
+  let url = `${proto}//${location.host}/ws`;
+  if (token) url += `?token=${encodeURIComponent(token)}`;
+  return url;
+}
+
+function connect() {
+  if (state.ws !== null) return;
+  ensurePlayback();
+  if (!location.host) {
+    showError("client", "open this page from the server (http://HOST:PORT/), not from a file");
+    return;
+  }
+  const url = wsUrl();
+  $("server-url").textContent = url.replace(/token=[^&]*/, "token=…");
+  setStatus("connecting", "Connecting…");
+  let ws;
+  try {
+    ws = new WebSocket(url);
+  } catch (err) {
+    setStatus("disconnected", "Disconnected");
+    showError("client", `cannot open ${url}: ${err}`);
+    return;
+  }
+  ws.binaryType = "arraybuffer";
+  state.ws = ws;
+  ws.onopen = () => {
+    if (state.ws !== ws) return;
+    setStatus("open", "Connected, waiting for the server…");
+  };
+  ws.onmessage = (event) => {
+    if (state.ws !== ws) return;
+    if (typeof event.data === "string") {
+      let parsed;
+      try {
+        parsed = JSON.parse(event.data);
+      } catch (err) {
+        showError("client", `server sent invalid JSON: ${err}`);
+        return;
+      }
+      handleEvent(parsed);
+    } else {
+      handleFrame(event.data);
+    }
+  };
+  ws.onclose = (event) => {
+    if (state.ws !== ws) return;
+    onDisconnected(event);
+  };
+  updateUi();
+}
+
+function disconnect() {
+  if (state.ws === null) return;
+  const ws = state.ws;
+  ws.close(1000, "client disconnect");
+  onDisconnected({code: 1000, reason: "client disconnect", wasClean: true});
+}
+
+function onDisconnected(event) {
+  const wasReady = state.ready !== null;
+  state.ws = null;
+  state.ready = null;
+  state.sessionId = null;
+  state.pending.clear();
+  hook.connected = false;
+  if (state.response !== null) {
+    state.response = null;
+  }
+  if (state.recording !== null) abortRecording("connection closed");
+  let text = `Disconnected (code ${event.code}${event.reason ? `: ${event.reason}` : ""})`;
+  if (!wasReady && event.code === 1006) {
+    text += " — handshake refused or server unreachable (token? origin?)";
+  }
+  setStatus("disconnected", text);
+  $("session-info").textContent = state.lastConversationId ? "(not active: resume to continue)" : "";
+  updateUi();
+}
+
+// ---------------------------------------------------------------------------------------------- events
+
+function handleEvent(ev) {
+  hook.events.push(ev);
+  const id = ev.id;
+  switch (ev.type) {
+    case "ready":
+      onReady(ev);
+      break;
+    case "session.started":
+      state.pending.delete(id);
+      onSessionStarted(ev);
+      break;
+    case "response.started":
+      onResponseStarted(ev);
+      break;
+    case "response.done":
+      state.pending.delete(id);
+      onResponseDone(ev);
+      break;
+    case "audio.started":
+      state.pending.delete(id);
+      onAudioStarted(ev);
+      break;
+    case "turn.stored":
+      state.pending.delete(id);
+      onTurnStored(ev);
+      break;
+    case "history":
+      state.pending.delete(id);
+      onHistory(ev);
+      break;
+    case "error":
+      onErrorEvent(ev);
+      state.pending.delete(id);
+      break;
+    default:
+      // Unknown events are kept in window.csm.events; nothing to show.
+      break;
+  }
+  updateUi();
+}
+
+function onReady(ev) {
+  state.ready = ev;
+  hook.ready = ev;
+  hook.connected = true;
+  setStatus("ready", `Connected to ${ev.model || "server"}`);
+  if (ev.protocol !== 1) {
+    showError("client", `server speaks protocol ${ev.protocol}; this page speaks 1`);
+  }
+  const lim = ev.limits || {};
+  fillDl($("limits"), [
+    ["model", ev.model],
+    ["protocol", ev.protocol],
+    ["sample_rate", ev.sample_rate],
+    ["frame_samples", ev.frame_samples],
+    ["num_codebooks", ev.num_codebooks],
+    ["max_text_chars", lim.max_text_chars],
+    ["max_audio_ms", lim.max_audio_ms],
+    ["max_audio_s", lim.max_audio_s],
+    ["max_message_bytes", lim.max_message_bytes],
+    ["max_requests", lim.max_requests],
+  ]);
+  const maxMs = $("max-audio-ms");
+  if (typeof lim.max_audio_ms === "number") {
+    maxMs.max = String(lim.max_audio_ms);
+    if (intValue("max-audio-ms") !== undefined && intValue("max-audio-ms") > lim.max_audio_ms) {
+      maxMs.value = String(lim.max_audio_ms);
+    }
+  }
+  updateTextCount();
+}
+
+function onSessionStarted(ev) {
+  state.sessionId = ev.conversation_id;
+  state.lastConversationId = ev.conversation_id;
+  hook.conversationId = ev.conversation_id;
+  $("conversation-id").textContent = ev.conversation_id;
+  $("resume-id").value = ev.conversation_id;
+  $("session-info").textContent = `(${ev.resumed ? "resumed" : "new"}, ${ev.turns} stored turn${ev.turns === 1 ? "" : "s"})`;
+  try {
+    localStorage.setItem("csm.lastConversationId", ev.conversation_id);
+  } catch (err) {
+    // storage can be disabled; resuming by id still works
+  }
+  hook.history = [];
+  renderHistory([]);
+  send("history");
+}
+
+function onResponseStarted(ev) {
+  hook.lastStarted = ev;
+  if (state.response === null) {
+    // A response we did not track (should not happen); follow it anyway.
+    state.response = {requestId: ev.id, responseId: null, cancelled: false, sentAt: performance.now(),
+      firstFrameAt: null, frames: 0};
+  }
+  state.response.responseId = ev.response_id;
+  $("stats").textContent = `Streaming ${ev.response_id} (context turns: ${ev.context_turns}, prompt rows: ${ev.prompt_rows})…`;
+}
+
+function onResponseDone(ev) {
+  hook.lastDone = ev;
+  const resp = state.response;
+  const clientTtfa = resp && resp.firstFrameAt !== null ? resp.firstFrameAt - resp.sentAt : null;
+  state.response = null;
+  const started = hook.lastStarted && hook.lastStarted.response_id === ev.response_id ? hook.lastStarted : {};
+  const dl = document.createElement("dl");
+  fillDl(dl, [
+    ["response_id", ev.response_id],
+    ["stop_reason", ev.stop_reason],
+    ["frames", ev.frames],
+    ["audio_ms", fmt(ev.audio_ms, 0)],
+    ["ttfa_ms", fmt(ev.ttfa_ms, 1)],
+    ["rtf", fmt(ev.rtf, 3)],
+    ["turn_id", ev.turn_id],
+    ["context_turns", started.context_turns],
+    ["prompt_rows", started.prompt_rows],
+    ["frames received", hook.framesReceived],
+    ["client ttfa_ms", clientTtfa === null ? null : fmt(clientTtfa, 1)],
+    ["underruns", hook.underruns],
+  ]);
+  $("stats").replaceChildren(dl);
+  if (ev.turn_id !== null && ev.turn_id !== undefined && state.sessionId !== null) send("history");
+}
+
+function onTurnStored(ev) {
+  hook.lastStored = ev;
+  const turn = ev.turn || {};
+  $("record-status").textContent =
+    `Stored user turn ${turn.index !== undefined ? `#${turn.index}` : ""} (${ev.frames} frames).`;
+  if (state.sessionId !== null) send("history");
+}
+
+function onHistory(ev) {
+  if (ev.conversation_id && state.sessionId && ev.conversation_id !== state.sessionId) return;
+  hook.history = ev.turns || [];
+  renderHistory(hook.history);
+}
+
+function renderHistory(turns) {
+  const list = $("history");
+  list.replaceChildren();
+  for (const turn of turns) {
+    const li = document.createElement("li");
+    li.dataset.turnId = String(turn.turn_id);
+    li.dataset.source = turn.source;
+    li.className = `turn ${turn.source}`;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    const seconds = ((turn.frames || 0) * DEFAULT_FRAME_SAMPLES / DEFAULT_SAMPLE_RATE).toFixed(2);
+    meta.textContent = `#${turn.index} · speaker ${turn.speaker} · ${turn.source} · ${turn.frames} frames (${seconds} s)`;
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = turn.text ? turn.text : "(no transcript)";
+    li.append(meta, text);
+    if (turn.created_at) li.title = turn.created_at;
+    list.append(li);
+  }
+  if (turns.length === 0) {
+    const li = document.createElement("li");
+    li.className = "empty";
+    li.textContent = "No turns yet.";
+    list.append(li);
+  }
+}
+
+function onErrorEvent(ev) {
+  const requestType = ev.id !== undefined ? state.pending.get(ev.id) : undefined;
+  showError(ev.code || "error", ev.message || "", ev.id);
+  if (requestType === "say" && state.response !== null && state.response.requestId === ev.id) {
+    state.response = null;
+    $("stats").textContent = `Say failed: ${ev.code}`;
+  }
+  if (requestType === "session.start" && state.sessionId === null && ev.code === "unknown_conversation") {
+    state.lastConversationId = null;
+  }
+  const rec = state.recording;
+  if (rec !== null) {
+    const turnGone = ["audio_too_long", "bad_audio", "no_audio_turn"].includes(ev.code);
+    if ((requestType === "audio.start" && ev.id === rec.requestId) || turnGone) {
+      abortRecording(`${ev.code}: the turn was not stored`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- playback
+
+function ensurePlayback() {
+  const play = state.play;
+  if (play.ctx === null) {
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    if (!Ctx) {
+      showError("client", "this browser has no WebAudio: audio will not play");
+      return;
+    }
+    try {
+      play.ctx = new Ctx({sampleRate: DEFAULT_SAMPLE_RATE, latencyHint: "interactive"});
+    } catch (err) {
+      play.ctx = new Ctx({latencyHint: "interactive"}); // buffers at 24 kHz are resampled by WebAudio
+    }
+    play.gain = play.ctx.createGain();
+    play.gain.gain.value = Number($("volume").value);
+    play.gain.connect(play.ctx.destination);
+  }
+  if (play.ctx.state === "suspended") play.ctx.resume().catch(() => {});
+}
+
+function pcm16ToFloat(buffer) {
+  const view = new DataView(buffer);
+  const n = buffer.byteLength >> 1;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = view.getInt16(i * 2, true) / 32768;
+  return out;
+}
+
+function scheduleFrame(samples, firstOfResponse) {
+  const play = state.play;
+  if (play.ctx === null || samples.length === 0) return;
+  const ctx = play.ctx;
+  const buffer = ctx.createBuffer(1, samples.length, sampleRate());
+  buffer.copyToChannel(samples, 0);
+  const source = ctx.createBufferSource();
+  source.buffer = buffer;
+  source.connect(play.gain);
+  const now = ctx.currentTime;
+  if (play.nextTime < now + 0.005) {
+    if (!firstOfResponse) hook.underruns += 1;
+    play.nextTime = now + PLAYBACK_LEAD_S;
+  }
+  source.start(play.nextTime);
+  play.nextTime += buffer.duration;
+  play.sources.add(source);
+  source.onended = () => play.sources.delete(source);
+  hook.framesScheduled += 1;
+}
+
+function stopPlayback() {
+  const play = state.play;
+  for (const source of play.sources) {
+    try {
+      source.stop();
+    } catch (err) {
+      // already stopped
+    }
+  }
+  play.sources.clear();
+  play.nextTime = 0;
+}
+
+function handleFrame(data) {
+  const samples = pcm16ToFloat(data);
+  hook.totalFrames += 1;
+  const resp = state.response;
+  if (resp === null) return; // a frame outside a response (protocol says this does not happen)
+  hook.framesReceived += 1;
+  hook.samplesReceived += samples.length;
+  resp.frames += 1;
+  if (resp.firstFrameAt === null) resp.firstFrameAt = performance.now();
+  if (!resp.cancelled) scheduleFrame(samples, resp.frames === 1);
+}
+
+// ---------------------------------------------------------------------------------------------- say / cancel
+
+function say() {
+  if (!isReady()) {
+    showError("not_connected", "connect first");
+    return;
+  }
+  if (state.response !== null) return;
+  ensurePlayback();
+  ensureSession();
+  const fields = {text: $("text").value, speaker: intValue("speaker") ?? 0};
+  const maxMs = intValue("max-audio-ms");
+  if (maxMs !== undefined) fields.max_audio_ms = maxMs;
+  const temperature = floatValue("temperature");
+  if (temperature !== undefined) fields.temperature = temperature;
+  const topK = intValue("top-k");
+  if (topK !== undefined) fields.top_k = topK;
+  const seed = intValue("seed");
+  if (seed !== undefined) fields.seed = seed;
+  hook.framesReceived = 0;
+  hook.samplesReceived = 0;
+  hook.lastDone = null;
+  hook.lastStarted = null;
+  const id = send("say", fields);
+  if (id === null) return;
+  state.response = {requestId: id, responseId: null, cancelled: false, sentAt: performance.now(),
+    firstFrameAt: null, frames: 0};
+  $("stats").textContent = "Waiting for the response…";
+  updateUi();
+}
+
+function cancel() {
+  if (state.response === null) return;
+  state.response.cancelled = true;
+  stopPlayback();
+  send("cancel");
+  updateUi();
+}
+
+// ---------------------------------------------------------------------------------------------- recording
+
+function encodeChunk(samples, encoding) {
+  const n = samples.length;
+  if (encoding === "float32") {
+    const view = new DataView(new ArrayBuffer(n * 4));
+    for (let i = 0; i < n; i++) view.setFloat32(i * 4, samples[i], true);
+    return view.buffer;
+  }
+  const view = new DataView(new ArrayBuffer(n * 2));
+  for (let i = 0; i < n; i++) {
+    const s = Math.max(-1, Math.min(1, samples[i]));
+    view.setInt16(i * 2, s < 0 ? Math.round(s * 32768) : Math.round(s * 32767), true);
+  }
+  return view.buffer;
+}
+
+function recordStatus(rec) {
+  const seconds = rec.samples / (rec.sampleRate || 1);
+  const phase = rec.phase === "recording" ? "Recording" : rec.phase === "starting" ? "Starting" : "Finishing";
+  $("record-status").textContent = `${phase}… ${seconds.toFixed(1)} s at ${rec.sampleRate || "?"} Hz`;
+}
+
+function pushRecorded(rec, samples) {
+  if (state.recording !== rec || rec.ended) return;
+  // Keep every chunk under max_message_bytes.
+  const bytesPerSample = rec.encoding === "float32" ? 4 : 2;
+  const maxBytes = limits().max_message_bytes;
+  const maxSamples = typeof maxBytes === "number" ? Math.max(1, Math.floor(maxBytes / bytesPerSample)) : samples.length;
+  for (let offset = 0; offset < samples.length; offset += maxSamples) {
+    const part = samples.subarray(offset, Math.min(samples.length, offset + maxSamples));
+    const chunk = encodeChunk(part, rec.encoding);
+    if (rec.started) {
+      sendBinary(chunk);
+    } else {
+      rec.queue.push(chunk);
+    }
+    rec.samples += part.length;
+  }
+  hook.recordedSamples = rec.samples;
+}
+
+async function startRecording() {
+  if (state.recording !== null || !isReady()) return;
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showError("client", "no microphone access here (needs https or localhost)");
+    return;
+  }
+  ensurePlayback();
+  const rec = {
+    phase: "starting", encoding: $("encoding").value, speaker: intValue("record-speaker") ?? 1,
+    transcriptAtStart: $("transcript").value, started: false, ended: false, captureDone: false,
+    queue: [], samples: 0, sampleRate: null, requestId: null,
+    stream: null, ctx: null, source: null, node: null, sink: null, timer: null, ticker: null,
+  };
+  state.recording = rec;
+  hook.recording = true;
+  hook.recordedSamples = 0;
+  hook.lastStored = null;
+  updateUi();
+  try {
+    rec.stream = await navigator.mediaDevices.getUserMedia({
+      audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true},
+    });
+    if (state.recording !== rec) throw new Error("recording was aborted");
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    rec.ctx = new Ctx({latencyHint: "interactive"});
+    if (rec.ctx.state === "suspended") await rec.ctx.resume();
+    rec.sampleRate = rec.ctx.sampleRate;
+    hook.recordSampleRate = rec.sampleRate;
+    rec.source = rec.ctx.createMediaStreamSource(rec.stream);
+    rec.sink = rec.ctx.createGain();
+    rec.sink.gain.value = 0; // the capture node must reach the destination to be processed; keep it silent
+    rec.sink.connect(rec.ctx.destination);
+    const blockSize = Math.round(rec.sampleRate * RECORD_CHUNK_S);
+    if (rec.ctx.audioWorklet && typeof AudioWorkletNode !== "undefined") {
+      await rec.ctx.audioWorklet.addModule(new URL("pcm-worklet.js", import.meta.url));
+      if (state.recording !== rec) throw new Error("recording was aborted");
+      rec.node = new AudioWorkletNode(rec.ctx, "pcm-capture", {
+        numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1], processorOptions: {blockSize},
+      });
+      rec.node.port.onmessage = (event) => {
+        if (event.data instanceof Float32Array) pushRecorded(rec, event.data);
+        else if (event.data === "flushed" && rec.onFlushed) rec.onFlushed();
+      };
+    } else {
+      rec.node = rec.ctx.createScriptProcessor(4096, 1, 1);
+      rec.node.onaudioprocess = (event) => pushRecorded(rec, new Float32Array(event.inputBuffer.getChannelData(0)));
+    }
+    rec.source.connect(rec.node);
+    rec.node.connect(rec.sink);
+  } catch (err) {
+    if (state.recording === rec) {
+      showError("client", `cannot record: ${err && err.message ? err.message : err}`);
+      abortRecording("microphone unavailable");
+    } else {
+      releaseCapture(rec);
+    }
+    return;
+  }
+  ensureSession();
+  const fields = {speaker: rec.speaker, sample_rate: rec.sampleRate, encoding: rec.encoding, channels: 1};
+  if (rec.transcriptAtStart) fields.transcript = rec.transcriptAtStart;
+  rec.requestId = send("audio.start", fields);
+  if (rec.requestId === null) {
+    abortRecording("not connected");
+    return;
+  }
+  rec.phase = "recording";
+  const maxS = limits().max_audio_s;
+  if (typeof maxS === "number" && maxS > 0) {
+    // Stop a little before the server limit (the server discards a turn that is over it).
+    rec.timer = setTimeout(() => stopRecording(), Math.max(100, (maxS - 0.25) * 1000));
+  }
+  rec.ticker = setInterval(() => recordStatus(rec), 200);
+  recordStatus(rec);
+  updateUi();
+}
+
+function onAudioStarted() {
+  const rec = state.recording;
+  if (rec === null || rec.started) return;
+  rec.started = true;
+  for (const chunk of rec.queue) sendBinary(chunk);
+  rec.queue = [];
+  maybeEndTurn(rec);
+}
+
+function releaseCapture(rec) {
+  clearTimeout(rec.timer);
+  clearInterval(rec.ticker);
+  try {
+    if (rec.source) rec.source.disconnect();
+    if (rec.node) rec.node.disconnect();
+  } catch (err) {
+    // already disconnected
+  }
+  if (rec.stream) for (const track of rec.stream.getTracks()) track.stop();
+  if (rec.ctx && rec.ctx.state !== "closed") rec.ctx.close().catch(() => {});
+}
+
+function flushWorklet(rec) {
+  if (!rec.node || !rec.node.port) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timeout = setTimeout(resolve, 500);
+    rec.onFlushed = () => {
+      clearTimeout(timeout);
+      resolve();
+    };
+    rec.node.port.postMessage("flush");
+  });
+}
+
+async function stopRecording() {
+  const rec = state.recording;
+  if (rec === null || rec.phase !== "recording") return;
+  rec.phase = "stopping";
+  clearTimeout(rec.timer);
+  updateUi();
+  try {
+    rec.source.disconnect();
+  } catch (err) {
+    // already disconnected
+  }
+  await flushWorklet(rec);
+  releaseCapture(rec);
+  rec.captureDone = true;
+  recordStatus(rec);
+  maybeEndTurn(rec);
+}
+
+function maybeEndTurn(rec) {
+  if (state.recording !== rec || !rec.captureDone || !rec.started || rec.ended) return;
+  rec.ended = true;
+  const transcript = $("transcript").value;
+  const fields = transcript && transcript !== rec.transcriptAtStart ? {transcript} : {};
+  send("audio.end", fields);
+  state.recording = null;
+  hook.recording = false;
+  $("record-status").textContent =
+    `Sent ${(rec.samples / rec.sampleRate).toFixed(2)} s of audio; waiting for the server to store it…`;
+  updateUi();
+}
+
+function abortRecording(reason) {
+  const rec = state.recording;
+  if (rec === null) return;
+  state.recording = null;
+  hook.recording = false;
+  rec.ended = true;
+  releaseCapture(rec);
+  $("record-status").textContent = `Recording stopped: ${reason}`;
+  updateUi();
+}
+
+function toggleRecording() {
+  if (state.recording === null) startRecording();
+  else if (state.recording.phase === "recording") stopRecording();
+}
+
+// ---------------------------------------------------------------------------------------------- UI
+
+function updateTextCount() {
+  const n = $("text").value.length;
+  const max = limits().max_text_chars;
+  const el = $("text-count");
+  el.textContent = typeof max === "number" ? `${n} / ${max} characters` : `${n} characters`;
+  el.classList.toggle("over", typeof max === "number" && n > max);
+}
+
+function updateUi() {
+  const ready = isReady();
+  const connecting = state.ws !== null && !ready;
+  const connectBtn = $("connect");
+  connectBtn.textContent = state.ws !== null ? "Disconnect" : "Connect";
+  connectBtn.setAttribute("aria-label", state.ws !== null ? "Disconnect from the server" : "Connect to the server");
+  connectBtn.disabled = false;
+  $("new-conversation").disabled = !ready;
+  $("resume").disabled = !ready || $("resume-id").value.trim() === "";
+  $("refresh-history").disabled = !ready || state.sessionId === null;
+  const rec = state.recording;
+  $("say").disabled = !ready || state.response !== null || rec !== null;
+  $("cancel").disabled = !ready || state.response === null || state.response.cancelled;
+  const recordBtn = $("record");
+  recordBtn.disabled = !ready || (rec === null && state.response !== null) || (rec !== null && rec.phase !== "recording");
+  recordBtn.textContent = rec !== null ? "Stop" : "Record";
+  recordBtn.setAttribute("aria-pressed", rec !== null ? "true" : "false");
+  document.body.classList.toggle("connecting", connecting);
+}
+
+function init() {
+  $("connect").addEventListener("click", () => (state.ws === null ? connect() : disconnect()));
+  $("new-conversation").addEventListener("click", () => {
+    if (state.recording !== null || state.response !== null) {
+      showError("client", "finish the current response or recording first");
+      return;
+    }
+    send("session.start");
+  });
+  $("resume").addEventListener("click", () => {
+    const id = $("resume-id").value.trim();
+    if (id) send("session.start", {conversation_id: id});
+  });
+  $("resume-id").addEventListener("input", updateUi);
+  $("resume-id").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !$("resume").disabled) $("resume").click();
+  });
+  $("refresh-history").addEventListener("click", () => send("history"));
+  $("say").addEventListener("click", say);
+  $("cancel").addEventListener("click", cancel);
+  $("record").addEventListener("click", toggleRecording);
+  $("clear-errors").addEventListener("click", () => $("errors").replaceChildren());
+  $("text").addEventListener("input", updateTextCount);
+  $("text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("say").disabled) {
+      event.preventDefault();
+      say();
+    }
+  });
+  $("volume").addEventListener("input", () => {
+    if (state.play.gain) state.play.gain.gain.value = Number($("volume").value);
+  });
+  try {
+    const last = localStorage.getItem("csm.lastConversationId");
+    if (last) $("resume-id").value = last;
+  } catch (err) {
+    // storage disabled
+  }
+  renderHistory([]);
+  updateTextCount();
+  updateUi();
+  document.body.dataset.loaded = "true";
+}
+
+init();
