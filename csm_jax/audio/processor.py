@@ -28,6 +28,10 @@ class AudioError(ValueError):
     """Input audio is missing, undecodable, empty, non-finite, too long or mis-specified."""
 
 
+class AudioTooLong(AudioError):
+    """Input audio is longer than the caller's limit (``max_seconds``)."""
+
+
 def load_audio(
     source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO,
     *,
@@ -109,6 +113,52 @@ def decode_pcm(
     return _finish(samples, sample_rate, target_rate, normalize_lufs)
 
 
+class PcmStream:
+    """Incremental :func:`decode_pcm` for audio that arrives in chunks (a client streaming its microphone).
+
+    ``push(bytes) -> float32 [n]`` mono at ``target_rate`` (soxr's streaming resampler, so chunk borders leave
+    no seams); ``finish() -> float32 [n]`` flushes the resampler. Each chunk must hold whole frames of
+    ``channels`` samples. Raises :class:`AudioError` on a malformed chunk or when the total passes ``max_seconds``.
+    """
+
+    def __init__(self, *, sample_rate: int, channels: int = 1, encoding: str = "pcm16",
+                 target_rate: int = SAMPLE_RATE, max_seconds: float | None = 600.0):
+        _check_positive(sample_rate, "sample_rate")
+        _check_positive(channels, "channels")
+        _check_positive(target_rate, "target_rate")
+        if encoding not in _PCM_ENCODINGS:
+            raise AudioError(f"unknown PCM encoding {encoding!r}; expected one of {sorted(_PCM_ENCODINGS)}")
+        self.sample_rate, self.channels, self.encoding = sample_rate, channels, encoding
+        self.max_seconds = max_seconds
+        self.frames_in = 0
+        self._resampler = (soxr.ResampleStream(sample_rate, target_rate, 1, dtype="float32", quality="HQ")
+                           if sample_rate != target_rate else None)
+
+    @property
+    def seconds(self) -> float:
+        """Input duration pushed so far."""
+        return self.frames_in / self.sample_rate
+
+    def push(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        dtype, full_scale = _PCM_ENCODINGS[self.encoding]
+        frame_bytes = np.dtype(dtype).itemsize * self.channels
+        if len(data) % frame_bytes:
+            raise AudioError(f"PCM chunk is {len(data)} bytes, not a multiple of the {frame_bytes}-byte frame "
+                             f"({self.channels} channel(s) of {self.encoding})")
+        _check_duration(self.frames_in + len(data) // frame_bytes, self.sample_rate, self.max_seconds)
+        samples = np.frombuffer(data, dtype=dtype).reshape(-1, self.channels).astype(np.float32) / full_scale
+        if not np.isfinite(samples).all():
+            raise AudioError("audio contains non-finite samples (NaN or inf)")
+        self.frames_in += len(samples)
+        mono = samples.mean(axis=1, dtype=np.float32)
+        return mono if self._resampler is None else self._resampler.resample_chunk(mono)
+
+    def finish(self) -> np.ndarray:
+        if self._resampler is None:
+            return np.zeros((0,), np.float32)
+        return self._resampler.resample_chunk(np.zeros((0,), np.float32), last=True)
+
+
 def _check_positive(value: int, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise AudioError(f"{name} must be a positive integer, got {value!r}")
@@ -116,7 +166,7 @@ def _check_positive(value: int, name: str) -> None:
 
 def _check_duration(frames: int, rate: int, max_seconds: float | None) -> None:
     if max_seconds is not None and frames > max_seconds * rate:
-        raise AudioError(f"audio is {frames / rate:.2f} s long, over the {max_seconds:g} s limit (max_seconds)")
+        raise AudioTooLong(f"audio is {frames / rate:.2f} s long, over the {max_seconds:g} s limit (max_seconds)")
 
 
 def _finish(samples: np.ndarray, rate: int, target_rate: int, normalize_lufs: float | None) -> np.ndarray:

@@ -1,0 +1,418 @@
+"""The conversation server: WebSocket protocol v1 (docs/protocol.md) plus the web client over HTTP, one port.
+
+Each connection has one outbox drained by its own sender task, so a slow client only delays itself; generation
+runs on the scheduler's engine thread, audio decoding and database writes in worker threads, never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import mimetypes
+import numbers
+import secrets
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response as HttpResponse
+
+from csm_jax.audio.processor import AudioError, AudioTooLong
+from csm_jax.conversation import ContextFull, ConversationManager, UnknownConversation
+from csm_jax.csm.generator import FRAME_MS, Generator
+from csm_jax.serving.audio_turn import ENCODINGS, AudioTurn
+from csm_jax.serving.config import ServeConfig
+from csm_jax.serving.scheduler import Request, Result, Scheduler
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+WS_PATH = "/ws"
+
+
+class ProtocolError(Exception):
+    """Answered with an `error` event; the connection stays open."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclasses.dataclass
+class Service:
+    """What all connections share: the model, the engine loop, the conversation store, the config."""
+
+    config: ServeConfig
+    generator: Generator
+    scheduler: Scheduler
+    manager: ConversationManager
+    model_name: str
+
+    def ready_event(self) -> dict[str, Any]:
+        lim = self.config.limits
+        return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": self.generator.codec.sample_rate,
+                "frame_samples": self.generator.codec.frame_size, "num_codebooks": self.generator.num_codebooks,
+                "model": self.model_name, "limits": dataclasses.asdict(lim),
+                "defaults": dataclasses.asdict(self.config.generation)}
+
+
+# field validation ------------------------------------------------------------------------------------------
+def _int(msg: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = msg.get(name, default)
+    if value is None:
+        raise ProtocolError("bad_field", f"missing field {name!r} (int in {lo}..{hi})")
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError("bad_field", f"field {name!r} must be an int in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _float(msg: dict[str, Any], name: str, default: float) -> float:
+    value = msg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ProtocolError("bad_field", f"field {name!r} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _str(msg: dict[str, Any], name: str, max_chars: int, default: str | None = None) -> str:
+    value = msg.get(name, default)
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", f"field {name!r} must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise ProtocolError("text_too_long", f"field {name!r} has {len(value)} characters, over the limit of "
+                                             f"{max_chars}")
+    return value
+
+
+class Connection:
+    """One client: parses events, runs at most one response and one audio turn at a time."""
+
+    def __init__(self, service: Service, ws: ServerConnection):
+        self.service, self.ws = service, ws
+        self.limits = service.config.limits
+        self.outbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.conversation_id: str | None = None
+        self.request: Request | None = None
+        self.request_meta: dict[str, Any] = {}
+        self.audio_turn: AudioTurn | None = None
+        self.audio_meta: dict[str, Any] = {}
+        self.requests = 0
+        self.responses = 0
+        self.closed = False
+
+    # io ----------------------------------------------------------------------------------------------------
+    def send(self, event: dict[str, Any], reply_to: dict[str, Any] | None = None) -> None:
+        if reply_to is not None and "id" in reply_to:
+            event = {**event, "id": reply_to["id"]}
+        self.outbox.put_nowait(json.dumps(event))
+
+    def error(self, code: str, message: str, reply_to: dict[str, Any] | None = None) -> None:
+        self.send({"type": "error", "code": code, "message": message}, reply_to)
+
+    async def _sender(self) -> None:
+        while (item := await self.outbox.get()) is not None:
+            try:
+                await self.ws.send(item)
+            except ConnectionClosed:
+                return
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._sender())
+        self.send(self.service.ready_event())
+        try:
+            async for message in self.ws:
+                await self.dispatch(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            if self.request is not None:
+                self.request.cancel()
+            self.audio_turn = None
+            self.outbox.put_nowait(None)
+            await sender
+
+    async def dispatch(self, message: str | bytes) -> None:
+        msg: dict[str, Any] | None = None
+        try:
+            if len(message) > self.limits.max_message_bytes:
+                raise ProtocolError("too_large", f"message of {len(message)} bytes is over the limit of "
+                                                 f"{self.limits.max_message_bytes}; it was dropped")
+            if isinstance(message, bytes):
+                await self.on_audio_chunk(message)
+                return
+            try:
+                msg = json.loads(message)
+            except json.JSONDecodeError as e:
+                raise ProtocolError("bad_json", f"not valid JSON: {e}") from None
+            if not isinstance(msg, dict):
+                raise ProtocolError("bad_json", f"an event must be a JSON object, got {type(msg).__name__}")
+            kind = msg.get("type")
+            handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise ProtocolError("unknown_type", f"unknown event type {kind!r}; known: {sorted(self.HANDLERS)}")
+            await handler(self, msg)
+        except ProtocolError as e:
+            self.error(e.code, e.message, msg)
+        except Exception as e:  # a server fault must not take the connection down
+            log.exception("event failed")
+            self.error("internal", f"{type(e).__name__}: {e}", msg)
+
+    # handlers ----------------------------------------------------------------------------------------------
+    def _need_session(self) -> str:
+        if self.conversation_id is None:
+            raise ProtocolError("no_session", "send session.start first")
+        return self.conversation_id
+
+    def _count_request(self) -> None:
+        if self.requests >= self.limits.max_requests:
+            raise ProtocolError("rate_limited", f"this connection used its {self.limits.max_requests} requests")
+        self.requests += 1
+
+    async def on_session_start(self, msg: dict[str, Any]) -> None:
+        cid = msg.get("conversation_id")
+        if cid is not None and not isinstance(cid, str):
+            raise ProtocolError("bad_field", "field 'conversation_id' must be a string")
+        if self.request is not None or self.audio_turn is not None:
+            raise ProtocolError("busy", "finish or cancel the current response / audio turn first")
+        manager = self.service.manager
+        try:
+            cid, resumed = await asyncio.to_thread(manager.start, cid)
+        except UnknownConversation:
+            raise ProtocolError("unknown_conversation", f"no conversation with id {cid!r}") from None
+        turns = len(await asyncio.to_thread(manager.history, cid))
+        self.conversation_id = cid
+        self.send({"type": "session.started", "conversation_id": cid, "resumed": resumed, "turns": turns}, msg)
+
+    async def on_say(self, msg: dict[str, Any]) -> None:
+        cid = self._need_session()
+        if self.request is not None or self.audio_turn is not None:
+            raise ProtocolError("busy", "a response or an audio turn is already in progress")
+        gen, defaults = self.service.generator, self.service.config.generation
+        text = _str(msg, "text", self.limits.max_text_chars)
+        if not text.strip():
+            raise ProtocolError("bad_field", "field 'text' must not be empty")
+        speaker = _int(msg, "speaker", 0, 2**31 - 1)
+        max_ms = _int(msg, "max_audio_ms", FRAME_MS, self.limits.max_audio_ms,
+                      min(defaults.max_audio_ms, self.limits.max_audio_ms))
+        temperature = _float(msg, "temperature", defaults.temperature)
+        top_k = _int(msg, "top_k", 1, gen.cfg.audio_vocab_size, defaults.top_k)
+        seed = _int(msg, "seed", 0, 2**32 - 1, secrets.randbelow(2**31))
+        self._count_request()
+        max_frames = max_ms // FRAME_MS
+        try:
+            prompt = await asyncio.to_thread(self.service.manager.build_prompt, cid, text, speaker, max_frames)
+        except ContextFull as e:
+            raise ProtocolError("context_full", str(e)) from None
+        self.responses += 1
+        response_id = f"r-{self.responses}"
+        meta = {"response_id": response_id, "text": text, "speaker": speaker, "reply_to": msg}
+        request = Request(prompt.tokens, prompt.mask, max_frames, temperature, top_k, seed,
+                          on_frame=self._frame_from_engine, on_done=self._done_from_engine)
+        self.request, self.request_meta = request, meta
+        self.send({"type": "response.started", "response_id": response_id, "context_turns": prompt.context_turns,
+                   "prompt_rows": prompt.rows}, msg)
+        self.service.scheduler.submit(request)
+
+    def _frame_from_engine(self, pcm: np.ndarray) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, pcm.tobytes())
+
+    def _done_from_engine(self, result: Result) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._finish_response(result)))
+
+    async def _finish_response(self, result: Result) -> None:
+        meta = self.request_meta
+        turn_id = None
+        try:
+            if result.stop_reason in ("eos", "max_length") and result.frames and not self.closed:
+                turn = await asyncio.to_thread(self.service.manager.add_turn, self.conversation_id, meta["speaker"],
+                                               meta["text"], result.codes, "generated")
+                turn_id = turn.turn_id
+        finally:
+            self.request, self.request_meta = None, {}
+        if result.stop_reason == "error":
+            self.error("internal", f"generation failed: {result.error}", meta["reply_to"])
+            return
+        audio_ms = result.frames * FRAME_MS
+        elapsed = result.finished - result.started
+        ttfa = None if result.first_frame is None else round((result.first_frame - result.started) * 1e3, 1)
+        self.send({"type": "response.done", "response_id": meta["response_id"], "frames": result.frames,
+                   "audio_ms": audio_ms, "ttfa_ms": ttfa,
+                   "rtf": round(elapsed / (audio_ms / 1e3), 4) if audio_ms else None,
+                   "stop_reason": result.stop_reason, "turn_id": turn_id}, meta["reply_to"])
+
+    async def on_cancel(self, msg: dict[str, Any]) -> None:
+        if self.request is None:
+            raise ProtocolError("no_response", "no response is in progress")
+        self.request.cancel()
+
+    async def on_audio_start(self, msg: dict[str, Any]) -> None:
+        self._need_session()
+        if self.request is not None or self.audio_turn is not None:
+            raise ProtocolError("busy", "a response or an audio turn is already in progress")
+        speaker = _int(msg, "speaker", 0, 2**31 - 1)
+        rate = _int(msg, "sample_rate", 1000, 384_000, 24_000 if msg.get("encoding") == "file" else None)
+        encoding = msg.get("encoding", "pcm16")
+        if encoding not in ENCODINGS:
+            raise ProtocolError("bad_field", f"field 'encoding' must be one of {list(ENCODINGS)}, got {encoding!r}")
+        channels = _int(msg, "channels", 1, 32, 1)
+        transcript = _str(msg, "transcript", self.limits.max_text_chars, "")
+        self._count_request()
+        gen = self.service.generator
+        self.audio_turn = AudioTurn(gen.codec, gen.cfg.num_codebooks, speaker=speaker, sample_rate=rate,
+                                    encoding=encoding, channels=channels, transcript=transcript,
+                                    max_seconds=self.limits.max_audio_s)
+        self.send({"type": "audio.started", "speaker": speaker}, msg)
+
+    async def on_audio_chunk(self, data: bytes) -> None:
+        turn = self.audio_turn
+        if turn is None:
+            raise ProtocolError("no_audio_turn", "binary audio needs an open audio turn (send audio.start first)")
+        try:
+            await asyncio.to_thread(turn.push, data)
+        except AudioError as e:
+            self.audio_turn = None
+            code = "audio_too_long" if isinstance(e, AudioTooLong) else "bad_audio"
+            raise ProtocolError(code, f"{e}; the audio turn was discarded") from None
+
+    async def on_audio_end(self, msg: dict[str, Any]) -> None:
+        turn = self.audio_turn
+        if turn is None:
+            raise ProtocolError("no_audio_turn", "no audio turn is open (send audio.start first)")
+        transcript = _str(msg, "transcript", self.limits.max_text_chars, turn.transcript)
+        self.audio_turn = None
+        try:
+            codes = await asyncio.to_thread(turn.finish)
+        except AudioError as e:
+            code = "audio_too_long" if isinstance(e, AudioTooLong) else "bad_audio"
+            raise ProtocolError(code, f"{e}; the audio turn was discarded") from None
+        stored = await asyncio.to_thread(self.service.manager.add_turn, self._need_session(), turn.speaker,
+                                         transcript, codes, "user")
+        self.send({"type": "turn.stored", "turn": stored.summary(), "frames": stored.frames}, msg)
+
+    async def on_history(self, msg: dict[str, Any]) -> None:
+        cid = self._need_session()
+        limit = None if msg.get("limit") is None else _int(msg, "limit", 1, 1_000_000)
+        turns = await asyncio.to_thread(self.service.manager.history, cid, limit)
+        self.send({"type": "history", "conversation_id": cid, "turns": [t.summary() for t in turns]}, msg)
+
+    HANDLERS = {
+        "session.start": on_session_start,
+        "say": on_say,
+        "cancel": on_cancel,
+        "audio.start": on_audio_start,
+        "audio.end": on_audio_end,
+        "history": on_history,
+    }
+
+
+# HTTP side -------------------------------------------------------------------------------------------------
+def _http(status: HTTPStatus, body: bytes, content_type: str) -> HttpResponse:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-cache")])
+    return HttpResponse(status.value, status.phrase, headers, body)
+
+
+def _authorized(request: HttpRequest, token: str) -> bool:
+    query = parse_qs(urlsplit(request.path).query)
+    given = query.get("token", [""])[0]
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        given = given or auth[len("Bearer "):]
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def make_process_request(service: Service, static_dir: Path):
+    """HTTP routing before the WebSocket handshake: `/ws` (auth checked), `/health`, and the static web client."""
+    root = static_dir.resolve()
+
+    def process_request(connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        path = urlsplit(request.path).path
+        if path == WS_PATH:
+            token = service.config.server.token
+            if token and not _authorized(request, token):
+                return _http(HTTPStatus.UNAUTHORIZED, b"missing or wrong token\n", "text/plain; charset=utf-8")
+            return None
+        if path == "/health":
+            body = json.dumps({"status": "ok", "model": service.model_name, "active": service.scheduler.active})
+            return _http(HTTPStatus.OK, body.encode(), "application/json")
+        file = (root / (path.lstrip("/") or "index.html")).resolve()
+        if not file.is_relative_to(root) or not file.is_file():
+            return _http(HTTPStatus.NOT_FOUND, f"not found: {path}\n".encode(), "text/plain; charset=utf-8")
+        ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript", "text/javascript"):
+            ctype += "; charset=utf-8"
+        return _http(HTTPStatus.OK, file.read_bytes(), ctype)
+
+    return process_request
+
+
+async def start_server(service: Service) -> Server:
+    """Bind and start serving (returns once listening)."""
+    cfg = service.config
+
+    async def handler(ws: ServerConnection) -> None:
+        await Connection(service, ws).run()
+
+    origins = [*cfg.server.allowed_origins, None] if cfg.server.allowed_origins else None
+    return await serve(handler, cfg.server.host, cfg.server.port, origins=origins,
+                       process_request=make_process_request(service, cfg.static_dir),
+                       max_size=4 * cfg.limits.max_message_bytes, max_queue=64)
+
+
+def build_service(config: ServeConfig) -> Service:
+    """Load the model (or build the default one), open the store, start the engine thread after warmup."""
+    from csm_jax.conversation import SQLiteStore
+    from csm_jax.csm.generator import load_csm
+    from csm_jax.default_model import NAME, default_generator
+
+    if config.engine.compile_cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(config.engine.compile_cache_dir).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    m = config.model
+    if m.path is None:
+        generator, name = default_generator(m.seed), NAME
+        if m.num_codebooks is not None:
+            generator = Generator(generator.params, generator.cfg, generator.codec, generator.tokenizer,
+                                  m.num_codebooks)
+    else:
+        generator = load_csm(m.path, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype)
+        name = Path(m.path).name
+    if generator.tokenizer is None or generator.codec is None:
+        raise ValueError(f"{m.path}: the server needs a checkpoint with tokenizer.json and a codec "
+                         "(pass model.codec=...)")
+    if config.storage.backend != "sqlite":
+        raise ValueError(f"unknown storage backend {config.storage.backend!r}; supported: ['sqlite']")
+    store = SQLiteStore(config.storage.path)
+    manager = ConversationManager(store, generator, max_turns=config.context.max_turns)
+    scheduler = Scheduler(generator, config.engine.batch_size)
+    if config.engine.warmup_rows:
+        t = scheduler.warmup(config.engine.warmup_rows)
+        log.info("warmup (compilation) took %.1f s", t)
+    scheduler.start()
+    return Service(config, generator, scheduler, manager, name)
+
+
+async def serve_forever(config: ServeConfig) -> None:
+    t0 = time.perf_counter()
+    service = await asyncio.to_thread(build_service, config)
+    server = await start_server(service)
+    host, port = server.sockets[0].getsockname()[:2]
+    print(f"csm-jax server ready in {time.perf_counter() - t0:.1f} s on the model {service.model_name!r}\n"
+          f"  web page:  http://{host}:{port}/\n  websocket: ws://{host}:{port}{WS_PATH}", flush=True)
+    try:
+        await server.serve_forever()
+    finally:
+        service.scheduler.stop()
