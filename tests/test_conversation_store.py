@@ -1,0 +1,230 @@
+"""SQLiteStore: round trips, ordering, persistence, migrations, validation, threads and crash durability."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from csm_jax.conversation import SQLiteStore, StoreError, Turn, UnknownConversation, open_store
+from csm_jax.conversation.store import MIGRATIONS
+
+
+@pytest.fixture
+def store():
+    s = SQLiteStore(":memory:")
+    yield s
+    s.close()
+
+
+def codes(frames: int, books: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 65536, (frames, books)).astype(np.int64)
+
+
+def same(x: Turn, y: Turn) -> bool:
+    """Field-by-field equality (Turn compares by identity: it holds an array)."""
+    arrays = (x.codes is None and y.codes is None) or (
+        x.codes is not None and y.codes is not None and np.array_equal(x.codes, y.codes))
+    return arrays and x.summary() == y.summary() and x.conversation_id == y.conversation_id
+
+
+def test_round_trip_codes_and_text(store):
+    cid = store.create_conversation({"title": "t"})
+    c = codes(13, 8)
+    c[0, 0], c[0, 1] = 0, 65535
+    a = store.add_turn(cid, 1, "Hi!", c, "user")
+    b = store.add_turn(cid, 0, "Text only.", None, "generated")
+    e = store.add_turn(cid, 2, "", codes(3, 5, seed=1), "user")  # audio without transcript
+    got = store.turns(cid)
+    assert [same(x, y) for x, y in zip(got, [a, b, e])] == [True] * 3 and len(got) == 3
+    assert [t.index for t in got] == [0, 1, 2]
+    assert got[0].codes.dtype == np.int32 and np.array_equal(got[0].codes, c)
+    assert got[1].codes is None and got[1].frames == 0 and got[1].text == "Text only."
+    assert got[2].text == "" and got[2].codes.shape == (3, 5)
+    assert np.array_equal(got[2].codes, codes(3, 5, seed=1))
+    for t in (a, e, got[0], got[2]):
+        with pytest.raises(ValueError):  # read-only
+            t.codes[0, 0] = 1
+    s = got[0].summary()
+    assert s == {"turn_id": a.turn_id, "index": 0, "speaker": 1, "text": "Hi!", "frames": 13, "source": "user",
+                 "created_at": a.created_at}
+    assert json.loads(json.dumps(s)) == s and s["created_at"].endswith("+00:00")
+
+
+def test_ordering_limit_counts_and_listing(store):
+    c1, c2 = store.create_conversation(), store.create_conversation({"k": [1, 2]})
+    for i in range(5):
+        store.add_turn(c1, i % 2, f"turn {i}", None, "user")
+    store.add_turn(c2, 0, "other", None, "generated")
+    assert [t.text for t in store.turns(c1, limit=2)] == ["turn 3", "turn 4"]
+    assert [t.index for t in store.turns(c1, limit=10)] == list(range(5))
+    assert store.turns(c1, limit=0) == [] and store.turns(store.create_conversation()) == []
+    assert store.count_turns(c1) == 5 and store.count_turns(c2) == 1
+    listing = store.conversations()
+    assert [d["id"] for d in listing[1:]] == [c2, c1]  # most recently updated first (listing[0]: the empty one)
+    assert listing[1]["metadata"] == {"k": [1, 2]} and listing[1]["turns"] == 1 and listing[2]["turns"] == 5
+    assert set(listing[2]) == {"id", "created_at", "updated_at", "turns", "metadata"}
+    assert listing[2]["updated_at"] > listing[2]["created_at"]
+    assert len(store.conversations(limit=1)) == 1
+    assert store.has_conversation(c1) and not store.has_conversation("nope")
+
+
+def test_file_persistence_wal_and_reopen(tmp_path):
+    path = tmp_path / "sub" / "dir" / "conv.db"
+    s = open_store(f"sqlite:///{path}")  # absolute path: four slashes
+    assert s.path == str(path)
+    cid = s.create_conversation()
+    t = s.add_turn(cid, 0, "kept", codes(4), "generated")
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        s.turns(cid)
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    con.close()
+    s2 = open_store(str(path))
+    (back,) = s2.turns(cid)
+    assert same(back, t) and np.array_equal(back.codes, codes(4))
+    assert s2.add_turn(cid, 1, "next", None, "user").index == 1
+    assert s2._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert s2._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    s2.close()
+
+
+def test_open_store_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url in ("sqlite://:memory:", "sqlite://", ":memory:"):
+        s = open_store(url)
+        assert s.path == ":memory:" and s.has_conversation(s.create_conversation())
+        s.close()
+    s = open_store("sqlite:///rel/conv.db")
+    s.close()
+    assert (tmp_path / "rel" / "conv.db").is_file()
+    with pytest.raises(ValueError, match="supported: sqlite:///path.db"):
+        open_store("postgres://db/x")
+    with pytest.raises(ValueError, match="bad sqlite store URL"):
+        open_store("sqlite://host/x.db")
+
+
+def test_migration_from_empty_file_and_too_new_version(tmp_path):
+    path = tmp_path / "empty.db"
+    path.touch()
+    s = SQLiteStore(path)
+    tables = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"conversations", "turns"} <= tables
+    s.close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    con.close()
+    with pytest.raises(StoreError, match=f"schema version {len(MIGRATIONS) + 1}, newer"):
+        SQLiteStore(path)
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        SQLiteStore(tmp_path / "junk.db")
+    with pytest.raises(StoreError, match="cannot open"):  # a directory
+        SQLiteStore(tmp_path)
+
+
+def test_unknown_conversation(store):
+    for call in (lambda: store.add_turn("missing", 0, "x", None, "user"), lambda: store.turns("missing"),
+                 lambda: store.count_turns("missing")):
+        with pytest.raises(UnknownConversation, match="unknown conversation 'missing'") as e:
+            call()
+        assert isinstance(e.value, KeyError) and e.value.conversation_id == "missing"
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(speaker=-1), ValueError, "speaker must be a non-negative int"),
+    (dict(speaker=True), TypeError, "speaker"),
+    (dict(speaker=1.0), TypeError, "speaker"),
+    (dict(text=None), TypeError, "text must be a str"),
+    (dict(text=" ", codes=None), ValueError, "needs non-empty text or audio codes"),
+    (dict(codes=np.zeros((3, 2), np.float32)), TypeError, "integer array"),
+    (dict(codes=np.zeros((3, 2), bool)), TypeError, "integer array"),
+    (dict(codes=np.zeros(3, np.int32)), ValueError, "2-D"),
+    (dict(codes=np.zeros((3, 0), np.int32)), ValueError, "2-D"),
+    (dict(codes=np.full((2, 2), 65536)), ValueError, r"in \[0, 65535\]"),
+    (dict(codes=np.full((2, 2), -1)), ValueError, r"in \[0, 65535\]"),
+    (dict(source="bot"), ValueError, "source must be one of"),
+    (dict(conversation_id=5), TypeError, "conversation_id must be a str"),
+])
+def test_bad_arguments(store, kwargs, err, match):
+    args = dict(conversation_id=store.create_conversation(), speaker=0, text="ok", codes=None, source="user")
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        store.add_turn(**args)
+    if isinstance(args["conversation_id"], str):
+        assert store.count_turns(args["conversation_id"]) == 0
+
+
+def test_bad_listing_and_metadata_arguments(store):
+    with pytest.raises(ValueError, match="limit"):
+        store.turns(store.create_conversation(), limit=-1)
+    with pytest.raises(TypeError, match="limit"):
+        store.conversations(limit="3")
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        store.create_conversation(["x"])
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        store.create_conversation({"x": object()})
+
+
+def _writers(stores, cid, per_thread=20):
+    errors = []
+
+    def work(s, w):
+        try:
+            for i in range(per_thread):
+                s.add_turn(cid, w, f"w{w} t{i}", codes(2, seed=i), "user")
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s, w)) for w, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-store", "store-per-thread"])
+def test_concurrent_writers(tmp_path, shared):
+    path = tmp_path / "conc.db"
+    stores = [SQLiteStore(path)] * 8 if shared else [SQLiteStore(path) for _ in range(8)]
+    cid = stores[0].create_conversation()
+    _writers(stores, cid)
+    turns = stores[0].turns(cid)
+    assert [t.index for t in turns] == list(range(160))
+    assert len({t.turn_id for t in turns}) == 160
+    for w in range(8):  # each writer's turns are in its own order
+        assert [t.text for t in turns if t.speaker == w] == [f"w{w} t{i}" for i in range(20)]
+    for s in set(stores):
+        s.close()
+
+
+@pytest.mark.parametrize("how", ["os._exit", "SIGKILL"])
+def test_turn_survives_crash_after_add_turn(tmp_path, how):
+    path = tmp_path / "crash.db"
+    s = SQLiteStore(path)
+    cid = s.create_conversation()
+    s.close()
+    end = "os._exit(0)" if how == "os._exit" else "os.kill(os.getpid(), signal.SIGKILL)"
+    script = textwrap.dedent(f"""
+        import os, signal, sqlite3, numpy as np
+        from csm_jax.conversation.store import SQLiteStore
+        s = SQLiteStore({str(path)!r})
+        s.add_turn({cid!r}, 3, "last words", np.arange(24).reshape(3, 8), "generated")
+        {end}
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (0 if how == "os._exit" else -signal.SIGKILL), proc.stderr
+    s = SQLiteStore(path)
+    (t,) = s.turns(cid)
+    assert (t.speaker, t.text, t.index) == (3, "last words", 0)
+    assert np.array_equal(t.codes, np.arange(24).reshape(3, 8))
+    s.close()
