@@ -297,6 +297,10 @@ function onReady(ev) {
     ["max_message_bytes", lim.max_message_bytes],
     ["max_requests", lim.max_requests],
   ]);
+  // Not in protocol v1's list, but servers may send their sampling defaults: show them as placeholders.
+  const defaults = ev.defaults || {};
+  if (typeof defaults.temperature === "number") $("temperature").placeholder = `server default ${defaults.temperature}`;
+  if (typeof defaults.top_k === "number") $("top-k").placeholder = `server default ${defaults.top_k}`;
   const maxMs = $("max-audio-ms");
   if (typeof lim.max_audio_ms === "number") {
     maxMs.max = String(lim.max_audio_ms);
