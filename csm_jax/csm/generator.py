@@ -178,13 +178,16 @@ class Generator:
             yield codes, live.copy()
 
     def generate_codes(self, tokens: Any, mask: Any, max_frames: int, temperature: float = 0.9, top_k: int = 50,
-                       seed: int = 0) -> np.ndarray | list[np.ndarray]:
+                       seed: int = 0, code_limit: int | None = None) -> np.ndarray | list[np.ndarray]:
         """tokens int [S, K+1], mask bool [S, K+1] (column K is text) -> int32 codes [T, K'] (K' = num_codebooks),
         stopping at the all-zero frame (not kept) or after max_frames. Batched [B, S, K+1] (trailing all-masked
-        rows are padding) -> a list of B arrays; row i samples with seed + i."""
+        rows are padding) -> a list of B arrays; row i samples with seed + i. `code_limit` restricts sampled codes
+        to [0, code_limit) (the audio APIs use the codec's codebook size; default: the whole audio vocab)."""
         prompts = self._check(tokens, mask, max_frames, temperature, top_k, seed)
+        if code_limit is not None and not (isinstance(code_limit, int) and 1 <= code_limit <= self.cfg.audio_vocab_size):
+            raise ValueError(f"code_limit must be an int in 1..{self.cfg.audio_vocab_size}, got {code_limit!r}")
         out: list[list[np.ndarray]] = [[] for _ in prompts]
-        for codes, live in self._frames(prompts, max_frames, temperature, top_k, seed):
+        for codes, live in self._frames(prompts, max_frames, temperature, top_k, seed, code_limit):
             for i in np.flatnonzero(live):
                 out[i].append(codes[i])
         stacked = [np.stack(o) if o else np.zeros((0, self.num_codebooks), np.int32) for o in out]

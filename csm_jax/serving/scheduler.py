@@ -86,7 +86,8 @@ class Scheduler:
 
     # lifecycle -------------------------------------------------------------------------------------------
     def warmup(self, max_prompt_rows: int | None = None) -> float:
-        """Compile the frame step and every prefill bucket up to `max_prompt_rows`; returns seconds taken."""
+        """Compile the frame step, every prefill bucket up to `max_prompt_rows` and the streaming codec; returns
+        seconds taken."""
         t0 = time.perf_counter()
         limit = max_prompt_rows or self.engine.max_seq_len
         k1 = self.generator.cfg.num_codebooks + 1
@@ -102,6 +103,8 @@ class Scheduler:
         self.decoder.step(np.asarray(codes))
         self.decoder.reset(mask=np.arange(self.batch_size) == 0)
         self.decoder.reset()
+        codec = self.generator.codec  # user audio turns: one streaming encoder per turn
+        codec.stream_encoder(1).step(np.zeros((1, codec.frame_size), np.float32))
         return time.perf_counter() - t0
 
     def start(self) -> None:

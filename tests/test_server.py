@@ -1,0 +1,365 @@
+"""The conversation server over real sockets: streaming, persistence, user audio turns, bad input, durability.
+
+The server runs as a real process (`python -m serve`) on the default model; the test process rebuilds the same
+deterministic default model to check that served codes and audio are exactly what the library generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from serve_fixtures import LiveServer, start_server_process
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+import csm_jax
+from csm_jax.conversation import SQLiteStore
+from csm_jax.default_model import byte_tokenizer, default_generator
+
+DATA = Path(__file__).parent / "data"
+FRAME_BYTES = 1920 * 2
+
+
+class Client:
+    """A thin protocol driver over a real websockets connection."""
+
+    def __init__(self, ws: ClientConnection):
+        self.ws = ws
+        self.ready: dict[str, Any] = {}
+
+    @classmethod
+    async def open(cls, url: str, **kwargs: Any) -> "Client":
+        c = cls(await connect(url, **kwargs))
+        c.ready = await c.event()
+        assert c.ready["type"] == "ready"
+        return c
+
+    async def send(self, event: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(json.dumps(event) if isinstance(event, dict) else event)
+
+    async def event(self) -> dict[str, Any]:
+        message = await asyncio.wait_for(self.ws.recv(), 120)
+        assert isinstance(message, str), "expected a JSON event, got binary audio"
+        return json.loads(message)
+
+    async def request(self, event: dict[str, Any] | str | bytes) -> dict[str, Any]:
+        await self.send(event)
+        return await self.event()
+
+    async def start(self, conversation_id: str | None = None) -> dict[str, Any]:
+        reply = await self.request({"type": "session.start", "conversation_id": conversation_id})
+        assert reply["type"] == "session.started", reply
+        return reply
+
+    async def say(self, text: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any], list[bytes]]:
+        """-> (response.started, response.done, binary frames)."""
+        started = await self.request({"type": "say", "text": text, "speaker": fields.pop("speaker", 0), **fields})
+        assert started["type"] == "response.started", started
+        frames = []
+        while True:
+            message = await asyncio.wait_for(self.ws.recv(), 120)
+            if isinstance(message, bytes):
+                frames.append(message)
+                continue
+            done = json.loads(message)
+            assert done["type"] == "response.done", done
+            return started, done, frames
+
+    async def send_audio(self, pcm: bytes, chunk: int, **fields: Any) -> dict[str, Any]:
+        """An audio turn; -> the answer to audio.end, or the first error raised while streaming the chunks."""
+        assert (await self.request({"type": "audio.start", **fields}))["type"] == "audio.started"
+        for i in range(0, len(pcm), chunk):
+            await self.send(pcm[i:i + chunk])
+        await self.send({"type": "audio.end", "id": "end"})
+        events = [await self.event()]
+        while events[-1].get("id") != "end":
+            events.append(await self.event())
+        return events[0]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def reference() -> csm_jax.Generator:
+    """The server's default model, rebuilt in this process."""
+    return default_generator(0)
+
+
+def text_rows(text: str, speaker: int) -> int:
+    return len(byte_tokenizer().encode(f"[{speaker}]{text}", add_special_tokens=False).ids) + 2
+
+
+# ---------------------------------------------------------------------------------------------- end to end ---
+def test_say_streams_frames_and_matches_the_library(live_server: LiveServer, reference: csm_jax.Generator) -> None:
+    async def go() -> tuple[Any, ...]:
+        c = await Client.open(live_server.ws_url)
+        session = await c.start()
+        started, done, frames = await c.say("Hello there.", speaker=0, max_audio_ms=640, seed=11, top_k=20,
+                                            temperature=0.8, id="q1")
+        history = await c.request({"type": "history"})
+        await c.close()
+        return c.ready, session, started, done, frames, history
+
+    ready, session, started, done, frames, history = run(go())
+    assert ready["sample_rate"] == 24_000 and ready["frame_samples"] == 1920 and ready["protocol"] == 1
+    assert started["id"] == done["id"] == "q1" and started["context_turns"] == 0
+    assert started["prompt_rows"] == text_rows("Hello there.", 0)
+    assert done["stop_reason"] == "max_length" and done["frames"] == 8 == len(frames) and done["audio_ms"] == 640
+    assert all(len(f) == FRAME_BYTES for f in frames)
+    assert done["ttfa_ms"] > 0 and done["rtf"] > 0 and isinstance(done["turn_id"], int)
+    assert [t["turn_id"] for t in history["turns"]] == [done["turn_id"]]
+
+    # the served codes are exactly the library's, and the audio is their streaming decode as PCM16
+    store = SQLiteStore(live_server.db_path)
+    turn = store.turns(session["conversation_id"])[0]
+    store.close()
+    tokens, mask = reference.prompt("Hello there.", 0)
+    codes = reference.generate_codes(tokens, mask, max_frames=8, temperature=0.8, top_k=20, seed=11,
+                                     code_limit=2048)
+    np.testing.assert_array_equal(turn.codes, codes)
+    dec = reference.codec.stream_decoder(1)
+    audio = np.concatenate([np.asarray(dec.step(c[None]))[0] for c in codes])
+    served = np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32767
+    assert np.abs(served - np.clip(audio, -1, 1)).max() <= 2 / 32767
+
+
+def test_user_audio_turn_is_stored_as_codes_and_prompts_the_next_response(
+        live_server: LiveServer, reference: csm_jax.Generator) -> None:
+    audio, rate = sf.read(DATA / "speech_stereo_44k.wav", dtype="int16")  # real speech, 44.1 kHz stereo
+    pcm = audio.astype("<i2").tobytes()
+
+    async def go() -> tuple[Any, ...]:
+        c = await Client.open(live_server.ws_url)
+        session = await c.start()
+        stored = await c.send_audio(pcm, chunk=4 * 1411, speaker=1, sample_rate=rate, channels=2,
+                                    encoding="pcm16", transcript="Hi, how are you?")
+        started, done, _ = await c.say("Fine, thanks.", speaker=0, max_audio_ms=240, seed=3)
+        await c.close()
+        return session, stored, started, done
+
+    session, stored, started, done = run(go())
+    frames = -(-round(len(audio) * 24_000 / rate) // 1920)
+    assert stored["type"] == "turn.stored" and stored["frames"] == frames
+    assert stored["turn"]["source"] == "user" and stored["turn"]["text"] == "Hi, how are you?"
+    # the next prompt holds the user's turn: its text rows, its audio rows (+ end frame), then the target text
+    assert started["context_turns"] == 1
+    assert started["prompt_rows"] == text_rows("Hi, how are you?", 1) + frames + 1 + text_rows("Fine, thanks.", 0)
+
+    store = SQLiteStore(live_server.db_path)
+    user, reply = store.turns(session["conversation_id"])
+    store.close()
+    assert user.codes.shape == (frames, reference.cfg.num_codebooks)
+    offline = np.asarray(reference.codec.encode(csm_jax.load_audio(DATA / "speech_stereo_44k.wav")[None]))[0]
+    agree = np.mean(user.codes == offline[: reference.cfg.num_codebooks].T[:frames])
+    assert agree > 0.9, agree  # streaming resampler + encoder vs one-shot: same audio up to resampler edges
+    # and the reply was generated from exactly that prompt
+    tokens, mask = reference.prompt("Fine, thanks.", 0, [csm_jax.Segment(1, "Hi, how are you?")])
+    t_user, m_user = reference.code_rows(user.codes)
+    n = text_rows("Hi, how are you?", 1)
+    tokens = np.concatenate([tokens[:n], t_user, tokens[n:]])
+    mask = np.concatenate([mask[:n], m_user, mask[n:]])
+    np.testing.assert_array_equal(reply.codes, reference.generate_codes(tokens, mask, max_frames=3, seed=3,
+                                                                                 code_limit=2048))
+
+
+def test_concurrent_clients_and_a_stalled_one(live_server: LiveServer) -> None:
+    async def one(i: int) -> dict[str, Any]:
+        c = await Client.open(live_server.ws_url)
+        await c.start()
+        _, done, frames = await c.say(f"Client {i} speaking.", speaker=i % 3, max_audio_ms=480, seed=i)
+        await c.close()
+        assert len(frames) == done["frames"] == 6
+        return done
+
+    async def go() -> list[dict[str, Any]]:
+        stalled = await Client.open(live_server.ws_url)  # asks for a long response and never reads it
+        await stalled.start()
+        await stalled.send({"type": "say", "text": "I never listen.", "speaker": 0, "max_audio_ms": 4000})
+        dones = await asyncio.gather(*(one(i) for i in range(6)))
+        await stalled.close()
+        return dones
+
+    dones = run(go())
+    assert all(d["stop_reason"] == "max_length" for d in dones)
+
+
+def test_cancel_and_disconnect_mid_stream(live_server: LiveServer) -> None:
+    async def go() -> tuple[Any, ...]:
+        c = await Client.open(live_server.ws_url)
+        await c.start()
+        await c.send({"type": "say", "text": "A long answer.", "speaker": 0, "max_audio_ms": 20_000})
+        assert (await c.event())["type"] == "response.started"
+        assert isinstance(await c.ws.recv(), bytes)
+        await c.send({"type": "cancel"})
+        while isinstance(message := await c.ws.recv(), bytes):
+            pass
+        done = json.loads(message)
+        history = await c.request({"type": "history"})
+        _, again, _ = await c.say("Still here.", max_audio_ms=160)
+
+        d = await Client.open(live_server.ws_url)  # disconnects while its response streams
+        await d.start()
+        await d.send({"type": "say", "text": "Bye.", "speaker": 0, "max_audio_ms": 20_000})
+        await d.event()
+        await d.ws.recv()
+        await d.ws.close()
+        for _ in range(100):  # its slot is released
+            health = json.loads(urllib.request.urlopen(live_server.http_url + "health").read())
+            if health["active"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        _, after, _ = await c.say("And still here.", max_audio_ms=160)
+        await c.close()
+        return done, history, again, health, after
+
+    done, history, again, health, after = run(go())
+    assert done["type"] == "response.done" and done["stop_reason"] == "cancelled" and done["turn_id"] is None
+    assert done["frames"] < 250
+    assert history["turns"] == []  # a cancelled response is not stored
+    assert again["frames"] == 2 and after["frames"] == 2 and health["active"] == 0
+
+
+BAD_INPUTS = [
+    ("{not json", "bad_json"),
+    ("[1, 2]", "bad_json"),
+    ({"type": "dance"}, "unknown_type"),
+    ({"no": "type"}, "unknown_type"),
+    ({"type": "say", "text": 42, "speaker": 0}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": "zero"}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": -1}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "temperature": "hot"}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "top_k": 0}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "max_audio_ms": True}, "bad_field"),
+    ({"type": "say", "text": "  ", "speaker": 0}, "bad_field"),
+    ({"type": "say", "text": "x" * 1001, "speaker": 0}, "text_too_long"),
+    ({"type": "audio.start", "speaker": 0, "sample_rate": 16000, "encoding": "mp9"}, "bad_field"),
+    ({"type": "history", "limit": "all"}, "bad_field"),
+    ({"type": "session.start", "conversation_id": "no-such-conversation"}, "unknown_conversation"),
+    ({"type": "session.start", "conversation_id": 7}, "bad_field"),
+    ({"type": "audio.end"}, "no_audio_turn"),
+    (b"\x01\x02\x03\x04", "no_audio_turn"),
+    (b"\x00" * (1 << 20 | 1), "too_large"),
+    ("[" + " " * (1 << 20) + "]", "too_large"),
+    ({"type": "cancel"}, "no_response"),
+]
+
+
+def test_bad_input_gets_clear_errors_and_loses_nothing(live_server: LiveServer) -> None:
+    async def go() -> tuple[Any, ...]:
+        other = await Client.open(live_server.ws_url)  # another session streams throughout
+        await other.start()
+        await other.send({"type": "say", "text": "Meanwhile.", "speaker": 1, "max_audio_ms": 1600, "seed": 1})
+
+        c = await Client.open(live_server.ws_url)
+        early = await c.request({"type": "say", "text": "hi", "speaker": 0})
+        session = await c.start()
+        _, first, _ = await c.say("Before.", max_audio_ms=160)
+        errors = []
+        for message, _ in BAD_INPUTS:
+            errors.append(await c.request(message))
+        # unreadable audio: odd PCM16 byte count, NaN floats, a corrupt file
+        bad_audio = [await c.send_audio(b"\x00\x01\x02", 3, speaker=1, sample_rate=16000),
+                     await c.send_audio(np.full(64, np.nan, "<f4").tobytes(), 256, speaker=1, sample_rate=16000,
+                                        encoding="float32"),
+                     await c.send_audio(b"RIFF1234WAVEnonsense" * 10, 50, speaker=1, encoding="file")]
+        long_audio = await c.send_audio(b"\x00\x00" * 16000 * 61, 16000 * 2 * 10, speaker=1, sample_rate=16000)
+        _, last, _ = await c.say("After.", max_audio_ms=160)
+        history = await c.request({"type": "history"})
+        await c.close()
+
+        frames = []
+        while True:
+            message = await other.ws.recv()
+            if isinstance(message, bytes):
+                frames.append(message)
+            elif (other_done := json.loads(message))["type"] == "response.done":
+                break
+        await other.close()
+        return early, session, first, errors, bad_audio, long_audio, last, history, other_done, frames
+
+    early, session, first, errors, bad_audio, long_audio, last, history, other_done, frames = run(go())
+    assert early["type"] == "error" and early["code"] == "no_session"
+    for (message, code), err in zip(BAD_INPUTS, errors):
+        assert err["type"] == "error" and err["code"] == code and err["message"], (message, err)
+    assert all(e["type"] == "error" and e["code"] == "bad_audio" for e in bad_audio), bad_audio
+    assert long_audio["type"] == "error" and long_audio["code"] == "audio_too_long", long_audio
+    assert first["frames"] == last["frames"] == 2
+    assert [t["text"] for t in history["turns"]] == ["Before.", "After."]  # nothing lost, nothing half-stored
+    assert other_done["frames"] == len(frames) == 20
+
+
+# ------------------------------------------------------------------------------------- durability, http ---
+def test_kill_9_loses_no_acknowledged_turn_and_auth(tmp_path: Path, xla_cache: Path) -> None:
+    overrides = ("server.token=s3cret", "server.allowed_origins=[http://good.example]")
+    server = start_server_process(tmp_path, xla_cache, *overrides)
+    url = server.ws_url + "?token=s3cret"
+
+    async def talk() -> tuple[str, list[int]]:
+        c = await Client.open(url)
+        cid = (await c.start())["conversation_id"]
+        pcm = (np.sin(np.arange(12_000) / 7) * 8000).astype("<i2").tobytes()
+        ids = [(await c.send_audio(pcm, 3200, speaker=1, sample_rate=12_000, transcript="Hey."))["turn"]["turn_id"]]
+        for text in ("One.", "Two."):
+            _, done, _ = await c.say(text, max_audio_ms=160)
+            ids.append(done["turn_id"])
+        server.stop(kill=True)  # SIGKILL right after the last acknowledgement
+        return cid, ids
+
+    async def refused() -> list[int]:
+        codes = []
+        for kwargs in ({"uri": server.ws_url}, {"uri": server.ws_url + "?token=wrong"},
+                       {"uri": url, "origin": "http://evil.example"}):
+            with pytest.raises(InvalidStatus) as e:
+                await connect(**kwargs)
+            codes.append(e.value.response.status_code)
+        c = await Client.open(server.ws_url, additional_headers={"Authorization": "Bearer s3cret"},
+                              origin="http://good.example")
+        await c.close()
+        return codes
+
+    assert run(refused()) == [401, 401, 403]
+    cid, ids = run(talk())
+    assert server.process.returncode == -9
+
+    restarted = start_server_process(tmp_path, xla_cache, *overrides, db_path=server.db_path)
+    try:
+        async def resume() -> tuple[dict[str, Any], dict[str, Any]]:
+            c = await Client.open(restarted.ws_url + "?token=s3cret")
+            session = await c.start(cid)
+            history = await c.request({"type": "history"})
+            await c.close()
+            return session, history
+
+        session, history = run(resume())
+    finally:
+        restarted.stop()
+    assert session["resumed"] and session["turns"] == 3
+    assert [t["turn_id"] for t in history["turns"]] == ids
+    with sqlite3.connect(server.db_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_http_serves_the_page_and_health(live_server: LiveServer) -> None:
+    page = urllib.request.urlopen(live_server.http_url)
+    assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert b"<html" in page.read().lower()
+    health = json.loads(urllib.request.urlopen(live_server.http_url + "health").read())
+    assert health["status"] == "ok"
+    for path in ("missing.js", "..%2F..%2Fpyproject.toml", "../pyproject.toml"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(live_server.http_url + path)
+        assert e.value.code == 404
