@@ -191,8 +191,8 @@ async def run(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default=os.environ.get("CSM_JAX_URL", DEFAULT_URL))
-    p.add_argument("--token", default=os.environ.get("CSM_JAX_TOKEN"))
+    p.add_argument("--url", default=os.environ.get("CSM_JAX_URL") or DEFAULT_URL)
+    p.add_argument("--token", default=os.environ.get("CSM_JAX_TOKEN") or None)
     p.add_argument("--clients", type=int, default=16, help="concurrent connections (default %(default)s)")
     p.add_argument("--requests", type=int, default=2, help="say requests per client, in a row (default %(default)s)")
     p.add_argument("--max-audio-ms", type=int, default=2000, help="per response (default %(default)s)")

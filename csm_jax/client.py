@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 PROTOCOL = 1
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920
+
+# error codes that answer binary audio chunks (which carry no id)
+_CHUNK_ERRORS = frozenset({"no_audio_turn", "bad_audio", "audio_too_long"})
 
 T = TypeVar("T")
 FrameCallback = Callable[[np.ndarray], Awaitable[None] | None]
@@ -143,8 +147,9 @@ class Client:
         self._response: _Waiter | None = None  # the say() whose response is streaming
         self._audio_turn: _Waiter | None = None  # the send_audio() whose chunks are being sent
         self._cancels: dict[int, _Waiter] = {}  # pending cancel() calls
-        self._ignored: set[int] = set()  # ids whose late answers are expected and dropped
+        self._ignored: deque[int] = deque(maxlen=256)  # ids whose late answers (if any) are dropped
         self._draining: asyncio.Event | None = None  # set: no abandoned response is still streaming
+        self._abandon_id: int | None = None  # the cancel sent for an abandoned response
         self._closed: BaseException | None = None
         self._last_done: dict[str, Any] | None = None
 
@@ -224,10 +229,11 @@ class Client:
             log.exception("client reader failed")
             exc = ClientConnectionError(f"the client reader failed: {e!r}")
         self._closed = exc
-        for w in {id(w): w for w in [*self._waiters.values(), *self._cancels.values()]}.values():
+        pending = [*self._waiters.values(), *self._cancels.values(), *([self._response] if self._response else [])]
+        for w in {id(w): w for w in pending}.values():
             w.put("closed", exc, time.perf_counter())
-        if self._response is not None:
-            self._response.put("closed", exc, time.perf_counter())
+        if self._draining is not None:
+            self._draining.set()  # nothing streams any more
 
     def _on_binary(self, data: bytes, t: float) -> None:
         if self._response is not None:
@@ -252,16 +258,19 @@ class Client:
             else:
                 log.debug("ignoring %s with no active response", typ)
             return
-        if isinstance(eid, int) and eid in self._cancels:
-            self._cancels[eid].put("event", ev, t)
-            return
-        if isinstance(eid, int) and eid in self._waiters:
-            self._waiters[eid].put("event", ev, t)
-            return
-        if isinstance(eid, int) and eid in self._ignored:
-            self._ignored.discard(eid)
-            return
-        if typ == "error":
+        target: _Waiter | None
+        if isinstance(eid, int | float | str):  # all requests of this client carry an id: it names the operation
+            target = self._cancels.get(eid) or self._waiters.get(eid)
+            if target is None and eid in self._ignored:
+                self._ignored.remove(eid)
+                if eid == self._abandon_id and typ == "error" and self._draining is not None:
+                    self._draining.set()  # no_response: the abandoned say had not started (or had ended) after all
+                return
+            # target None: a late answer to an operation that has already returned (e.g. one that was interrupted)
+        elif typ == "error" and ev.get("code") in _CHUNK_ERRORS:
+            # answers a binary chunk: for the open audio turn, or a late one for a turn already refused/ended
+            target = self._audio_turn
+        elif typ == "error":
             target = self._audio_turn or self._response or next(iter(self._waiters.values()), None)
         else:
             target = next((w for w in self._waiters.values() if typ in w.accepts), None)
@@ -345,6 +354,7 @@ class Client:
         assert self._draining is not None
         if not self._draining.is_set():  # an abandoned response is still streaming: the server would say busy
             await asyncio.wait_for(self._draining.wait(), self.timeout)
+            self._check_open()
         event: dict[str, Any] = {"type": "say", "text": text, "speaker": speaker}
         for key, value in (("max_audio_ms", max_audio_ms), ("temperature", temperature), ("top_k", top_k),
                            ("seed", seed)):
@@ -358,10 +368,9 @@ class Client:
         started: dict[str, Any] = {}
         first: float | None = None
         finished = False
-        t0 = time.perf_counter()
         rid = -1
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             rid = await self._send(event, waiter)
             while True:
                 kind, item, t = await self._next(waiter)
@@ -407,8 +416,8 @@ class Client:
         on the server and drop its remaining frames until its response.done."""
         assert self._draining is not None and self._ws is not None
         self._draining.clear()
-        rid = next(self._ids)
-        self._ignored.add(rid)
+        rid = self._abandon_id = next(self._ids)
+        self._ignored.append(rid)
 
         async def send_cancel() -> None:
             try:
@@ -430,7 +439,7 @@ class Client:
             while True:
                 kind, item, _ = await self._next(waiter)
                 if kind == "done":
-                    self._ignored.add(rid)  # a no_response error may still come if the response had just ended
+                    self._ignored.append(rid)  # a no_response error may still come if the response had just ended
                     return item
                 if item.get("type") == "error":
                     if item.get("code") == "no_response" and active and self._last_done is not None:
@@ -592,9 +601,9 @@ def fetch_history(url: str, conversation_id: str, *, token: str | None = None, l
 # ------------------------------------------------------------------------------------------ command line ---
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("CSM_JAX_URL", DEFAULT_URL),
+    common.add_argument("--url", default=os.environ.get("CSM_JAX_URL") or DEFAULT_URL,
                         help="server WebSocket URL (default: $CSM_JAX_URL or %(default)s)")
-    common.add_argument("--token", default=os.environ.get("CSM_JAX_TOKEN"),
+    common.add_argument("--token", default=os.environ.get("CSM_JAX_TOKEN") or None,
                         help="auth token, sent as a Bearer header (default: $CSM_JAX_TOKEN)")
     common.add_argument("--conversation", metavar="ID", help="resume this conversation (default: start a new one)")
     common.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each server event")
