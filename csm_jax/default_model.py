@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
 from csm_jax.csm.config import CsmConfig, LlamaConfig
-from csm_jax.csm.generator import BOS, EOS, Generator
+from csm_jax.csm.generator import Generator
+from csm_jax.csm.prompt import BOS, EOS
 from csm_jax.csm.model import Csm
 
 NAME = "csm-jax-default (random weights)"

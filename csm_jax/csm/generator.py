@@ -25,11 +25,12 @@ from csm_jax import sharding
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.csm.config import CsmConfig
+from csm_jax.csm import prompt as prompt_rows
 from csm_jax.csm.engine import Engine
+from csm_jax.csm.prompt import Rows
 from csm_jax.csm.weights import load_csm_params
 
 FRAME_MS = 80
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,25 +63,13 @@ class Generator:
         return self._engines[batch_size]
 
     # prompts ---------------------------------------------------------------------------------------------
-    def text_rows(self, text: str, speaker: int) -> tuple[np.ndarray, np.ndarray]:
+    def text_rows(self, text: str, speaker: int) -> Rows:
         """`[speaker]text` with BOS/EOS -> tokens int32 [S, K+1] (text in column K), mask bool [S, K+1]."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer.json; use generate_codes with token ids instead")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text must be a non-empty string")
-        if isinstance(speaker, bool) or not isinstance(speaker, int | np.integer) or speaker < 0:
-            raise TypeError(f"speaker must be a non-negative int, got {speaker!r}")
-        bos, eos = self.tokenizer.token_to_id(BOS), self.tokenizer.token_to_id(EOS)
-        if bos is None or eos is None:
-            raise ValueError(f"tokenizer lacks {BOS} / {EOS}")
-        ids = [bos, *self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids, eos]
-        k = self.cfg.num_codebooks
-        tokens = np.zeros((len(ids), k + 1), np.int32)
-        mask = np.zeros((len(ids), k + 1), bool)
-        tokens[:, k], mask[:, k] = ids, True
-        return tokens, mask
+        return prompt_rows.text_rows(self.tokenizer, text, speaker, self.cfg.num_codebooks)
 
-    def audio_rows(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def audio_rows(self, audio: np.ndarray) -> Rows:
         """Mono 24 kHz audio -> its Mimi codes plus one all-zero EOS frame, as audio rows."""
         if self.codec is None:
             raise ValueError("no codec loaded: audio context needs the Mimi weights")
@@ -89,20 +78,9 @@ class Generator:
             raise ValueError(f"segment audio must be mono float [N], got shape {list(audio.shape)}")
         return self.code_rows(np.asarray(self.codec.encode(audio[None]))[0, : self.cfg.num_codebooks].T)
 
-    def code_rows(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Audio codes int [T, K'] (K' <= K codebooks) plus one all-zero EOS frame -> audio rows tokens int32
-        [T+1, K+1], mask bool [T+1, K+1]; codebooks past K' are masked out."""
-        codes = np.asarray(codes)
-        k = self.cfg.num_codebooks
-        if codes.ndim != 2 or not 1 <= codes.shape[1] <= k or not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"codes must be int [T, K'] with K' <= {k}, got {codes.dtype} {list(codes.shape)}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.cfg.audio_vocab_size):
-            raise ValueError(f"audio codes must be in [0, {self.cfg.audio_vocab_size})")
-        t, kk = codes.shape
-        tokens = np.zeros((t + 1, k + 1), np.int32)
-        mask = np.zeros((t + 1, k + 1), bool)
-        tokens[:t, :kk], mask[:, :kk] = codes, True
-        return tokens, mask
+    def code_rows(self, codes: np.ndarray) -> Rows:
+        """Audio codes int [T, K'] (K' <= K) plus one all-zero end frame -> audio rows [T+1, K+1]."""
+        return prompt_rows.code_rows(codes, self.cfg.num_codebooks, self.cfg.audio_vocab_size)
 
     def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Context segments (text rows, then audio rows) followed by the target text rows."""
