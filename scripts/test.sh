@@ -3,9 +3,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dev.sh"
 cd "$ROOT"
-# The web-client tests drive Debian's Chromium (never Playwright's own download).
-if [ ! -x /usr/bin/chromium ]; then
+# System tools the tests use: Debian's Chromium for the web client (never Playwright's own download) and
+# espeak-ng for the real speech corpus of the training and evaluation tests.
+if [ ! -x /usr/bin/chromium ] || ! command -v espeak-ng >/dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium espeak-ng >/dev/null
 fi
 exec "$PY" -m pytest "$@"
