@@ -73,3 +73,27 @@ def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err, (argv, err)
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_converted_checkpoint_with_in_out_kernels_still_loads(tmp_path_factory, tmp_path):
+    """Checkpoints converted before projection kernels were stored [out, in] (no layout entry in csm_jax.json,
+    kernels [in, out]) load to the same parameters as the source checkpoint."""
+    import jax
+
+    from csm_jax import checkpoint
+    from csm_jax.csm.weights import load_csm_params
+
+    params, cfg = load_csm_params(get_reference("tiny", tmp_path_factory).hf_dir)
+
+    def old_layout(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return np.swapaxes(leaf, -1, -2) if leaf.ndim >= 2 and "embeddings" not in name else leaf
+
+    checkpoint.save(tmp_path / "old", jax.tree_util.tree_map_with_path(old_layout, params), "csm", cfg.to_dict())
+    restored, restored_cfg = load_csm_params(tmp_path / "old")
+    assert restored_cfg == cfg
+    want = jax.tree_util.tree_leaves_with_path(params)
+    got = jax.tree_util.tree_leaves_with_path(restored)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from csm_jax.csm.config import CsmConfig
-from csm_jax.csm.llama import Cache, Transformer
+from csm_jax.csm.llama import Cache, Transformer, kernel_init, linear
 
 _EMBED_INIT = nn.initializers.normal(0.02)
 
@@ -29,12 +29,11 @@ class Csm(nn.Module):
         self.audio_embeddings = self.param("audio_embeddings", part(_EMBED_INIT, ("vocab", "embed")), (k * v, bb))
         self.backbone = Transformer(cfg.backbone, dt)
         self.decoder = Transformer(cfg.decoder, dt)
-        self.projection = self.param("projection", part(nn.initializers.lecun_normal(), ("embed", "decoder_embed")),
-                                     (bb, dd))
-        self.codebook0_head = self.param("codebook0_head", part(nn.initializers.lecun_normal(), ("embed", "vocab")),
-                                         (bb, v))
-        self.audio_head = self.param("audio_head", part(nn.initializers.lecun_normal(),
-                                                        ("codebooks", "decoder_embed", "vocab")), (k - 1, dd, v))
+        # projections are stored as torch Linear weights [out, in] (see llama.linear)
+        self.projection = self.param("projection", part(kernel_init(), ("decoder_embed", "embed")), (dd, bb))
+        self.codebook0_head = self.param("codebook0_head", part(kernel_init(), ("vocab", "embed")), (v, bb))
+        self.audio_head = self.param("audio_head", part(kernel_init(), ("codebooks", "vocab", "decoder_embed")),
+                                     (k - 1, v, dd))
 
     # building blocks ------------------------------------------------------------------------------------
     def embed(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -63,20 +62,20 @@ class Csm(nn.Module):
     def c0_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D_b] -> float32 [..., V]."""
         dt = self.cfg.compute_dtype
-        return (hidden.astype(dt) @ self.codebook0_head.astype(dt)).astype(jnp.float32)
+        return linear(hidden.astype(dt), self.codebook0_head.astype(dt)).astype(jnp.float32)
 
     def decoder_step(
         self, inputs: jax.Array, positions: jax.Array, caches: list[Cache] | None
     ) -> tuple[jax.Array, list[Cache] | None]:
         """Depth-decoder inputs in backbone width [B, T, D_b] at positions [B, T] -> (hidden [B, T, D_d], caches)."""
         dt = self.cfg.compute_dtype
-        return self.decoder(inputs.astype(dt) @ self.projection.astype(dt), positions, caches)
+        return self.decoder(linear(inputs.astype(dt), self.projection.astype(dt)), positions, caches)
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Depth-decoder hidden [B, D_d] -> float32 logits [B, V] for `codebook` (1..K-1)."""
         dt = self.cfg.compute_dtype
         head = jnp.take(self.audio_head, codebook - 1, axis=0).astype(dt)
-        return (hidden.astype(dt) @ head).astype(jnp.float32)
+        return linear(hidden.astype(dt), head).astype(jnp.float32)
 
     # full-sequence forms (training, parity) ----------------------------------------------------------------
     def backbone_forward(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +96,7 @@ class Csm(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
         h, _ = self.decoder_step(inputs, positions, None)
         dt = self.cfg.compute_dtype
-        return jnp.einsum("bid,idv->biv", h[:, 1:].astype(dt), self.audio_head.astype(dt)).astype(jnp.float32)
+        return jnp.einsum("bid,ivd->biv", h[:, 1:].astype(dt), self.audio_head.astype(dt)).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Initialisation entry: backbone logits and teacher-forced depth logits of the last row."""

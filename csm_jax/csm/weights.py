@@ -22,9 +22,12 @@ import numpy as np
 from csm_jax import checkpoint
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.csm.config import CsmConfig, LlamaConfig
-from csm_jax.weights import Entry, Shape, convert, read_safetensors, rope_interleaved_to_half, same, transposed
+from csm_jax.weights import Entry, convert, read_safetensors, rope_interleaved_to_half, same
 
 CHECKPOINT_KIND = "csm"
+# Converted checkpoints store projection kernels [out, in] (torch layout) and say so in their JSON description;
+# older ones (no such entry) hold them [in, out] and are transposed on load.
+LAYOUT_KEY, LAYOUT = "csm_kernel_layout", "out_in"
 _HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
 
 
@@ -53,15 +56,16 @@ def _stack_entries(cfg: LlamaConfig, ours: str, theirs: str, fmt: str) -> Iterat
         for proj, heads, rows in (("q", h, h * hd), ("k", hkv, hkv * hd)):
             key = f"{t}.{names[proj]}.weight"
             if fmt == "hf":
-                yield transposed(f"{o}/self_attn/{proj}_proj/kernel", key, (d, rows))
+                yield same(f"{o}/self_attn/{proj}_proj/kernel", key, (rows, d))
             else:
                 yield Entry(f"{o}/self_attn/{proj}_proj/kernel", ((key, (rows, d)),),
-                            lambda w, heads=heads: rope_interleaved_to_half(w, heads).T)
-        yield transposed(f"{o}/self_attn/v_proj/kernel", f"{t}.{names['v']}.weight", (d, hkv * hd))
-        yield transposed(f"{o}/self_attn/o_proj/kernel", f"{t}.{names['o']}.weight", (h * hd, d))
-        yield transposed(f"{o}/mlp/gate_proj/kernel", f"{t}.{names['gate']}.weight", (d, inter))
-        yield transposed(f"{o}/mlp/up_proj/kernel", f"{t}.{names['up']}.weight", (d, inter))
-        yield transposed(f"{o}/mlp/down_proj/kernel", f"{t}.{names['down']}.weight", (inter, d))
+                            lambda w, heads=heads: rope_interleaved_to_half(w, heads))
+        # Linear kernels are [out, in], as torch stores them
+        yield same(f"{o}/self_attn/v_proj/kernel", f"{t}.{names['v']}.weight", (hkv * hd, d))
+        yield same(f"{o}/self_attn/o_proj/kernel", f"{t}.{names['o']}.weight", (d, h * hd))
+        yield same(f"{o}/mlp/gate_proj/kernel", f"{t}.{names['gate']}.weight", (inter, d))
+        yield same(f"{o}/mlp/up_proj/kernel", f"{t}.{names['up']}.weight", (inter, d))
+        yield same(f"{o}/mlp/down_proj/kernel", f"{t}.{names['down']}.weight", (d, inter))
         yield same(f"{o}/input_layernorm/scale", f"{t}.{names['ln1']}", (d,))
         yield same(f"{o}/post_attention_layernorm/scale", f"{t}.{names['ln2']}", (d,))
     yield same(f"{ours}/norm/scale", f"{theirs}.norm.weight" if fmt == "hf" else f"{theirs}.norm.scale", (d,))
@@ -74,10 +78,12 @@ def _entries(cfg: CsmConfig, fmt: str, audio_key: str) -> Iterator[Entry]:
     yield same("text_embeddings", "embed_text_tokens.weight" if hf else "text_embeddings.weight",
                (cfg.text_vocab_size, bb))
     yield same("audio_embeddings", audio_key, (k * v, bb))
-    yield transposed("projection", "depth_decoder.model.inputs_embeds_projector.weight" if hf else "projection.weight",
-                     (bb, dd))
-    yield transposed("codebook0_head", "lm_head.weight" if hf else "codebook0_head.weight", (bb, v))
-    yield same("audio_head", "depth_decoder.codebooks_head.weight" if hf else "audio_head", (k - 1, dd, v))
+    yield same("projection", "depth_decoder.model.inputs_embeds_projector.weight" if hf else "projection.weight",
+               (dd, bb))
+    yield same("codebook0_head", "lm_head.weight" if hf else "codebook0_head.weight", (v, bb))
+    # the audio heads are stored [K-1, D_d, V] (used as h @ head); ours are [K-1, V, D_d] like the other kernels
+    yield Entry("audio_head", (("depth_decoder.codebooks_head.weight" if hf else "audio_head", (k - 1, dd, v)),),
+                lambda w: w.transpose(0, 2, 1))
     yield from _stack_entries(cfg.backbone, "backbone", "backbone_model" if hf else "backbone", fmt)
     yield from _stack_entries(cfg.decoder, "decoder", "depth_decoder.model" if hf else "decoder", fmt)
 
@@ -125,7 +131,16 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
     if path.is_dir() and checkpoint.is_converted(path):
         meta = checkpoint.read_meta(path, CHECKPOINT_KIND)
         cfg = config or CsmConfig.from_dict(meta["config"])
-        return checkpoint.restore(path, abstract_params(cfg)), cfg
+        abstract = abstract_params(cfg)
+        if meta.get(LAYOUT_KEY) == LAYOUT:
+            return checkpoint.restore(path, abstract), cfg
+        # converted before kernels were stored [out, in]: restore them as [in, out] and transpose
+        legacy = jax.tree_util.tree_map_with_path(
+            lambda p, a: jax.ShapeDtypeStruct(_swap_last(a.shape), a.dtype) if _is_kernel(p, a) else a, abstract)
+        params = checkpoint.restore(path, legacy)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, a: np.ascontiguousarray(np.swapaxes(np.asarray(a), -1, -2)) if _is_kernel(p, a) else a,
+            params), cfg
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise CheckpointError(f"{path} has no model.safetensors and no {checkpoint.META_FILE}")
@@ -142,4 +157,19 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
 
 def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) -> Path:
     """Write an orbax checkpoint that `load_csm_params` reads back."""
-    return checkpoint.save(path, params, CHECKPOINT_KIND, cfg.to_dict())
+    path = checkpoint.save(path, params, CHECKPOINT_KIND, cfg.to_dict())
+    meta_file = path / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta[LAYOUT_KEY] = LAYOUT
+    meta_file.write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def _is_kernel(path: tuple[Any, ...], leaf: Any) -> bool:
+    """Projection weights (every parameter of 2+ dimensions but the embedding tables)."""
+    name = getattr(path[-1], "key", None)
+    return len(leaf.shape) >= 2 and name not in ("text_embeddings", "audio_embeddings")
+
+
+def _swap_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1], shape[-2])
