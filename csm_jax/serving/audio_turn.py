@@ -47,6 +47,7 @@ class AudioTurn:
             if not self._file:
                 raise AudioError("audio turn is empty (no bytes received)")
             audio = load_audio(bytes(self._file), max_seconds=self.max_seconds)
+            audio = np.pad(audio, (0, -len(audio) % self.frame))  # whole frames: the same codes as streaming
             codes = np.asarray(self.codec.encode(audio[None]))[0, : self.num_codebooks].T
             return codes.astype(np.int32)
         self._buffer = np.concatenate([self._buffer, self._pcm.finish()])
