@@ -72,3 +72,30 @@ def test_fewer_codebooks(tmp_path_factory):
     b = fewer.generate_codes(tokens, mask, 4, top_k=1)
     assert a.shape[1] == 8 and b.shape[1] == 3 and len(b) >= 1
     np.testing.assert_array_equal(b[0], a[0, :3])
+
+
+@pytest.mark.parametrize("vocab", [5, 2051])
+def test_kth_largest_and_row_sampling(vocab):
+    """The top_k threshold (lax.top_k, or a sort when some row's top_k exceeds FAST_TOP_K) is each row's k-th
+    largest value with ties and -inf counted, and `sample_rows` draws per row what `sample_top_k` draws alone."""
+    import jax
+
+    from csm_jax.csm.sampling import FAST_TOP_K, kth_largest, sample_rows, sample_top_k
+
+    rng = np.random.default_rng(vocab)
+    kth = jax.jit(kth_largest)
+    for trial in range(6):
+        x = rng.standard_normal((3, vocab)).astype(np.float32)
+        if trial % 2:
+            x = np.round(x, 1)  # many ties
+        x[:, rng.integers(0, vocab, 2)] = -np.inf
+        high = vocab if trial >= 3 else min(vocab, FAST_TOP_K)  # trials 3..5 may need the sort
+        k = rng.integers(1, high + 1, 3).astype(np.int32)
+        want = np.sort(x, axis=-1)[:, ::-1][np.arange(3), k - 1][:, None]
+        np.testing.assert_array_equal(np.asarray(kth(x, k)), want)
+        keys = jax.random.split(jax.random.key(trial), 3)
+        temperature = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+        rows = np.asarray(jax.jit(sample_rows)(x, keys, temperature, k))
+        for i in range(3):
+            assert rows[i] == int(sample_top_k(x[i : i + 1], keys[i], temperature[i : i + 1], k[i : i + 1])[0])
+            assert x[i, rows[i]] >= want[i, 0]

@@ -20,7 +20,7 @@ from csm_jax import sharding
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.llama import init_cache
 from csm_jax.csm.model import Csm
-from csm_jax.csm.sampling import sample_top_k
+from csm_jax.csm.sampling import sample_rows
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -159,8 +159,7 @@ class Engine:
 
         def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
             logits = jnp.where(vocab < state.code_limit[:, None], logits, -jnp.inf)
-            return jax.vmap(lambda lg, key, t, k: sample_top_k(lg[None], key, t[None], k[None])[0])(
-                logits, keys, temperature, top_k)
+            return sample_rows(logits, keys, temperature, top_k)
 
         c0 = sample(c0_logits[:, 0], keys[:, 0], state.temperature, state.top_k)
         h_last = hidden[:, 0]
