@@ -30,7 +30,7 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 class DecodeState:
     """Per-row generation state (B rows). Caches are indexed by absolute position."""
 
-    caches: list[dict[str, jax.Array]]  # backbone k/v [B, max_seq_len, Hkv, hd] per layer
+    caches: list[dict[str, jax.Array]]  # backbone k/v [B, Hkv, hd, max_seq_len] per layer
     tokens: jax.Array  # int32 [B, K+1]: the row to feed at `positions`
     mask: jax.Array  # bool [B, K+1]
     positions: jax.Array  # int32 [B]
@@ -57,7 +57,7 @@ def bucket(length: int, max_len: int) -> int:
 
 
 STATE_AXES = {  # logical axes of each DecodeState field (caches: per layer k and v)
-    "cache": ("batch", "cache_seq", "kv_heads", "head_dim"),
+    "cache": ("batch", "kv_heads", "head_dim", "cache_seq"),
     "row": ("batch", "frame"),
     "vector": ("batch",),
 }

@@ -82,29 +82,38 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None) -> tuple[jax.Array, Cache | None]:
-        """x [B, T, D], positions int32 [B, T]; cache k/v [B, S, Hkv, hd] indexed by position."""
+        """x [B, T, D], positions int32 [B, T]; cache k/v [B, Hkv, hd, S] indexed by position.
+
+        Keys and values are attended as [B * Hkv, hd, S]: both products then read the cache as XLA:CPU's dot
+        wants it and the cache is updated in place (a [B, Hkv, ...] view copies the cache when B == 1)."""
         cfg, dt = self.cfg, self.dtype
         b, t, _ = x.shape
         h, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        r = h // hkv
         q = Linear(h * hd, ("heads", "embed"), dt, name="q_proj")(x).reshape(b, t, h, hd)
         k = Linear(hkv * hd, ("kv_heads", "embed"), dt, name="k_proj")(x).reshape(b, t, hkv, hd)
         v = Linear(hkv * hd, ("kv_heads", "embed"), dt, name="v_proj")(x).reshape(b, t, hkv, hd)
         inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
-            keys, values, k_pos = k, v, positions
+            keys, values = (a.transpose(0, 2, 3, 1).reshape(b * hkv, hd, t) for a in (k, v))
+            k_pos = positions
         else:
-            rows = jnp.arange(b)[:, None]
-            cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
-                     "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
-            keys, values = cache["k"], cache["v"]
-            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-        allowed = k_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]; future slots are never read
-        qg = q.reshape(b, t, hkv, h // hkv, hd)
-        scores = jnp.einsum("btgrd,bsgd->bgrts", qg, keys.astype(dt)).astype(jnp.float32) * hd**-0.5
-        scores = jnp.where(allowed[:, None, None], scores, _NEG)
+            s = cache["k"].shape[-1]
+            # row b, head g of k/v at position p -> cache[b * Hkv + g, :, p]: index arrays [B, T, Hkv]
+            bg = jnp.arange(b * hkv).reshape(b, 1, hkv)
+            pos = jnp.broadcast_to(positions[:, :, None], (b, t, hkv))
+            keys, values = (cache[n].reshape(b * hkv, hd, s).at[bg, :, pos].set(a.astype(cache[n].dtype))
+                            for n, a in (("k", k), ("v", v)))
+            cache = {"k": keys.reshape(b, hkv, hd, s), "v": values.reshape(b, hkv, hd, s)}
+            k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+        allowed = jnp.repeat(k_pos[:, None, :] <= positions[:, :, None], hkv, axis=0)  # [B*Hkv, T, S]: no future
+        qg = q.reshape(b, t, hkv, r, hd).transpose(0, 2, 3, 1, 4).reshape(b * hkv, r, t, hd)
+        scores = jnp.einsum("xrtd,xds->xrts", qg, keys.astype(dt)).astype(jnp.float32) * hd**-0.5
+        scores = jnp.where(allowed[:, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bgrts,bsgd->btgrd", probs, values.astype(dt)).reshape(b, t, h * hd)
+        out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt)).reshape(b, hkv, t, r, hd)
+        out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
         return Linear(cfg.hidden_size, ("embed", "heads"), dt, name="o_proj")(out), cache
 
 
@@ -154,6 +163,6 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, length: int, dtype: jnp.dtype = jnp.float32) -> list[Cache]:
-    """Zeroed static KV caches, one per layer: k/v [B, length, Hkv, head_dim]."""
-    shape = (batch_size, length, cfg.num_kv_heads, cfg.head_dim)
+    """Zeroed static KV caches, one per layer: k/v [B, Hkv, head_dim, length]."""
+    shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, length)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
