@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from csm_jax.configs import from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,29 +74,10 @@ class ServeConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ServeConfig":
         """From a plain nested dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`); unknown keys raise."""
-        return _build(cls, d, "")
+        return from_dict(cls, d)
 
     @property
     def static_dir(self) -> Path:
         if self.server.static_dir is not None:
             return Path(self.server.static_dir)
         return Path(__file__).resolve().parents[2] / "serve" / "static"
-
-
-def _build(cls: type[T], d: dict[str, Any], where: str) -> T:
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
-                         f"known under {where or 'the root'}: {sorted(fields)}")
-    kwargs = {}
-    for name, value in d.items():
-        default = fields[name].default
-        if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise ValueError(f"config {where}{name} must be a mapping, got {value!r}")
-            value = _build(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple):
-            value = tuple(value or ())
-        kwargs[name] = value
-    return cls(**kwargs)

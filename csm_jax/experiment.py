@@ -1,0 +1,200 @@
+"""Recipes behind the `train/` entry points, callable from notebooks with the same (resolved Hydra) config dict:
+make an espeak-ng corpus, prepare it into Mimi codes, train, and evaluate a checkpoint.
+
+    cfg = {"model": {...}, "codec": {...}, "data": {...}, "optim": {...}, "train": {...}, "workdir": ...}
+    make_corpus(cfg); prepare_data(cfg); run_training(cfg); run_evaluation(cfg)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import soundfile as sf
+from tokenizers import Tokenizer
+
+from csm_jax.codec.codec import MimiCodec, load_codec
+from csm_jax.configs import from_dict
+from csm_jax.csm.config import CsmConfig
+from csm_jax.csm.generator import Generator
+from csm_jax.csm.prompt import code_rows, text_rows
+from csm_jax.data import Dataset, Loader, make_espeak_corpus, prepare, split
+from csm_jax.default_model import byte_tokenizer, default_mimi_config
+from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, train
+
+log = logging.getLogger(__name__)
+TOP_KEYS = {"model", "codec", "data", "optim", "train", "mesh", "distributed", "evaluate", "paths", "workdir",
+            "seed"}
+
+
+def check_keys(cfg: dict[str, Any]) -> None:
+    """Unknown top-level keys are errors (nested keys are checked where they are used)."""
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
+
+
+# building blocks ---------------------------------------------------------------------------------------------
+def model_config(cfg: dict[str, Any]) -> CsmConfig:
+    m = cfg["model"]
+    return CsmConfig.from_dict({**m["config"], "dtype": m.get("dtype") or "float32"})
+
+
+def tokenizer(cfg: dict[str, Any]) -> Tokenizer:
+    """`model.tokenizer`: "byte" (built-in byte-level), a tokenizer.json path, or null (next to `model.init`)."""
+    m = cfg["model"]
+    spec = m.get("tokenizer")
+    if spec == "byte":
+        return byte_tokenizer()
+    path = Path(spec) if spec else (Path(m["init"]) / "tokenizer.json" if m.get("init") else None)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"no tokenizer: set model.tokenizer to 'byte' or a tokenizer.json path (got {spec!r})")
+    return Tokenizer.from_file(str(path))
+
+
+def codec(cfg: dict[str, Any]) -> MimiCodec:
+    """`codec.path` (any Mimi checkpoint), the codec bundled with `model.init`, or seeded random tiny weights."""
+    c = cfg["codec"]
+    if c.get("path"):
+        return load_codec(c["path"])
+    if c.get("random_seed") is not None:
+        return MimiCodec.random(default_mimi_config(), seed=int(c["random_seed"]))
+    if cfg["model"].get("init"):
+        return load_codec(cfg["model"]["init"])
+    raise ValueError("no codec: set codec.path, codec.random_seed, or model.init with bundled codec weights")
+
+
+def train_config(cfg: dict[str, Any]) -> TrainConfig:
+    t = dict(cfg["train"])
+    t.update(optim=cfg["optim"], mesh=cfg.get("mesh", {}), distributed=cfg.get("distributed", {}),
+             seed=cfg.get("seed", t.get("seed", 0)), init_from=cfg["model"].get("init"))
+    return from_dict(TrainConfig, t)
+
+
+def datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
+    d = cfg["data"]
+    return split(Dataset.open(d["prepared"]), eval_conversations=int(d["eval_conversations"]),
+                 seed=int(cfg.get("seed", 0)))
+
+
+def loader(cfg: dict[str, Any], dataset: Dataset, tok: Tokenizer, shuffle: bool) -> Loader:
+    mc, opts = model_config(cfg), dict(cfg["data"]["loader"])
+    unknown = set(opts) - {"batch_size", "max_rows", "context_turns", "seed", "buckets", "group_batches"}
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted('data.loader.' + k for k in unknown)}")
+    if opts["max_rows"] > mc.backbone.max_seq_len:
+        raise ValueError(f"data.loader.max_rows={opts['max_rows']} exceeds the model's context "
+                         f"({mc.backbone.max_seq_len})")
+    return Loader(dataset, tok, mc.num_codebooks, mc.audio_vocab_size, shuffle=shuffle, drop_last=False, **opts)
+
+
+class Endless:
+    """A Loader as the trainer's endless batch stream (epoch after epoch), with its exact-resume state."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __iter__(self) -> "Endless":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.loader.next_batch()
+
+    def state(self) -> dict[str, Any]:
+        return self.loader.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.loader.restore(state)
+
+
+# recipes -----------------------------------------------------------------------------------------------------
+def make_corpus(cfg: dict[str, Any]) -> Path:
+    """The espeak-ng corpus of `data.corpus` written next to `data.manifest`."""
+    corpus = cfg["data"].get("corpus")
+    if not corpus:
+        raise ValueError(f"data '{cfg['data'].get('name')}' has no corpus recipe (data.corpus is null)")
+    return make_espeak_corpus(Path(cfg["data"]["manifest"]).parent, **corpus)
+
+
+def prepare_data(cfg: dict[str, Any]) -> Any:
+    """Manifest -> Mimi codes + text tokens in `data.prepared` (resumable)."""
+    mc, d = model_config(cfg), cfg["data"]
+    return prepare(d["manifest"], d["prepared"], codec(cfg), tokenizer(cfg), mc.num_codebooks,
+                   audio_vocab_size=mc.audio_vocab_size, shard_size=int(d["shard_size"]))
+
+
+def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming from `workdir` when it holds checkpoints) on the prepared data; returns the summary."""
+    check_keys(cfg)
+    mc, tc, tok = model_config(cfg), train_config(cfg), tokenizer(cfg)
+    train_set, eval_set = datasets(cfg)
+    eval_loader = None if not tc.eval_every else (lambda: loader(cfg, eval_set, tok, shuffle=False))
+    workdir = Path(cfg["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return train(tc, mc, Endless(loader(cfg, train_set, tok, shuffle=True)), eval_loader, workdir)
+
+
+def restore_params(cfg: dict[str, Any], which: str | int = "best") -> tuple[Any, int]:
+    """Parameters of the `workdir` checkpoint `which` ("best", "latest" or a step) -> (params, step)."""
+    mc, tc = model_config(cfg), train_config(cfg)
+    program = TrainProgram(mc, tc.loss, tc.optim, total_steps=tc.max_steps)
+    with Checkpointer(Path(cfg["workdir"]) / "checkpoints") as ckpt:
+        step = {"best": ckpt.best_step() or ckpt.latest_step(), "latest": ckpt.latest_step()}.get(which, which)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {cfg['workdir']}/checkpoints: train first")
+        state, _ = ckpt.restore(program.abstract_state, step=int(step))
+    return jax.device_get(state.params), int(step)
+
+
+def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss per codebook (every target frame through the depth decoder), generated samples as wavs next
+    to the codec's resynthesis of the real turn, and optionally their intelligibility; writes eval/step_N/."""
+    check_keys(cfg)
+    e = cfg["evaluate"]
+    mc, tc, tok, mimi = model_config(cfg), train_config(cfg), tokenizer(cfg), codec(cfg)
+    params, step = restore_params(cfg, e.get("checkpoint", "best"))
+    _, eval_set = datasets(cfg)
+    full = LossConfig(depth_fraction=1.0)
+    metrics = evaluate(TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps), params, lambda: loader(cfg, eval_set, tok, shuffle=False),
+                       e.get("eval_batches"), full)
+    out = Path(cfg["workdir"]) / "eval" / f"step_{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    gen = Generator(params, mc, mimi, tok)
+    samples, texts, real = [], [], []
+    for i in range(min(int(e["samples"]), len(eval_set))):
+        entry = eval_set[i]
+        context = [j for j in range(len(eval_set)) if eval_set[j].conversation == entry.conversation
+                   and eval_set[j].turn < entry.turn][-int(cfg["data"]["loader"]["context_turns"]):]
+        parts = [r for j in context for r in (text_rows(tok, eval_set[j].text, eval_set[j].speaker, mc.num_codebooks),
+                                              code_rows(eval_set.codes(j), mc.num_codebooks, mc.audio_vocab_size))]
+        parts.append(text_rows(tok, entry.text, entry.speaker, mc.num_codebooks))
+        tokens, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        codes = gen.generate_codes(tokens, mask, max_frames=max(1, int(e["max_audio_ms"]) // 80),
+                                   temperature=float(e["temperature"]), top_k=int(e["top_k"]),
+                                   seed=int(e.get("seed", 0)) + i, code_limit=mimi.config.codebook_size)
+        audio = np.asarray(mimi.decode(codes.T[None]))[0] if len(codes) else np.zeros(0, np.float32)
+        resynth = np.asarray(mimi.decode(eval_set.codes(i).T[None].astype(np.int32)))[0]
+        sf.write(out / f"sample_{i}.wav", audio, mimi.sample_rate)
+        sf.write(out / f"real_{i}.wav", resynth, mimi.sample_rate)
+        samples.append(audio)
+        real.append(resynth)
+        texts.append(entry.text)
+    result: dict[str, Any] = {"step": step, "loss": _floats(metrics), "samples": len(samples), "dir": str(out)}
+    if e.get("intelligibility") and samples:
+        from csm_jax.evaluation import Intelligibility
+
+        corpus = [eval_set[j].text for j in range(len(eval_set))]
+        asr = Intelligibility(corpus)
+        result["wer_generated"] = asr.wer([a if a.size else np.zeros(1920, np.float32) for a in samples], texts)
+        result["wer_codec_resynthesis"] = asr.wer(real, texts)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (np.asarray(v).tolist()) for k, v in metrics.items()}
