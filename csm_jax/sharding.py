@@ -21,6 +21,8 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("qkv", None),  # fused projections: which of q / k / v (within a KV-head group), gate or up
+    ("gate_up", None),
     ("embed", None),
     ("decoder_embed", None),
     ("vocab", None),

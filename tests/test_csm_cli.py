@@ -75,21 +75,38 @@ def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkey
     assert not (tmp_path / "x.wav").exists()
 
 
-def test_converted_checkpoint_with_in_out_kernels_still_loads(tmp_path_factory, tmp_path):
-    """Checkpoints converted before projection kernels were stored [out, in] (no layout entry in csm_jax.json,
-    kernels [in, out]) load to the same parameters as the source checkpoint."""
+def test_converted_checkpoint_of_the_first_layout_still_loads(tmp_path_factory, tmp_path):
+    """Checkpoints converted before the current parameter layout (no layout entry in csm_jax.json; separate
+    q/k/v/gate/up projections with kernels [in, out]) load to the same parameters as the source checkpoint."""
     import jax
 
     from csm_jax import checkpoint
     from csm_jax.csm.weights import load_csm_params
+    from csm_jax.weights import read_safetensors
 
-    params, cfg = load_csm_params(get_reference("tiny", tmp_path_factory).hf_dir)
+    src = get_reference("tiny", tmp_path_factory).hf_dir
+    params, cfg = load_csm_params(src)
+    hf = read_safetensors(src / "model.safetensors", exclude="codec_model.")
 
-    def old_layout(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return np.swapaxes(leaf, -1, -2) if leaf.ndim >= 2 and "embeddings" not in name else leaf
+    def stack(theirs: str, n_layers: int) -> dict:
+        tree = {"norm": {"scale": hf[f"{theirs}.norm.weight"]}}
+        for i in range(n_layers):
+            t = f"{theirs}.layers.{i}"
+            tree[f"layers_{i}"] = {
+                "self_attn": {f"{p}_proj": {"kernel": hf[f"{t}.self_attn.{p}_proj.weight"].T} for p in "qkvo"},
+                "mlp": {f"{p}_proj": {"kernel": hf[f"{t}.mlp.{p}_proj.weight"].T} for p in ("gate", "up", "down")},
+                "input_layernorm": {"scale": hf[f"{t}.input_layernorm.weight"]},
+                "post_attention_layernorm": {"scale": hf[f"{t}.post_attention_layernorm.weight"]},
+            }
+        return tree
 
-    checkpoint.save(tmp_path / "old", jax.tree_util.tree_map_with_path(old_layout, params), "csm", cfg.to_dict())
+    old = {"text_embeddings": hf["embed_text_tokens.weight"],
+           "audio_embeddings": hf["depth_decoder.model.embed_tokens.weight"],
+           "projection": hf["depth_decoder.model.inputs_embeds_projector.weight"].T,
+           "codebook0_head": hf["lm_head.weight"].T, "audio_head": hf["depth_decoder.codebooks_head.weight"],
+           "backbone": stack("backbone_model", cfg.backbone.num_layers),
+           "decoder": stack("depth_decoder.model", cfg.decoder.num_layers)}
+    checkpoint.save(tmp_path / "old", old, "csm", cfg.to_dict())
     restored, restored_cfg = load_csm_params(tmp_path / "old")
     assert restored_cfg == cfg
     want = jax.tree_util.tree_leaves_with_path(params)

@@ -28,16 +28,18 @@ SMALL_ROWS = 8
 
 
 def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., in] times a torch-layout kernel [out, in] -> [..., out], accumulated in float32 at least."""
-    lead, n_in = x.shape[:-1], x.shape[-1]
+    """x [..., in] times a torch-layout kernel [*out, in] -> [..., *out], accumulated in float32 at least."""
+    lead, n_in, out = x.shape[:-1], x.shape[-1], kernel.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, n_in)
     if 1 < rows <= SMALL_ROWS:
         acc = jnp.promote_types(x.dtype, jnp.float32)
-        y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1).astype(x.dtype)
+        xb = x2.astype(acc).reshape(rows, *(1,) * len(out), n_in)
+        y = jnp.sum(kernel.astype(acc)[None] * xb, axis=-1).astype(x.dtype)
     else:
-        y = jax.lax.dot_general(x2, kernel, (((1,), (1,)), ((), ())))
-    return y.reshape(*lead, kernel.shape[0])
+        # 2-D [out, in] kernel: XLA:CPU would transpose a kernel with several out dimensions to [in, out] first
+        y = jax.lax.dot_general(x2, kernel.reshape(-1, n_in), (((1,), (1,)), ((), ())))
+    return y.reshape(*lead, *out)
 
 
 def kernel_init(base: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.initializers.Initializer:
@@ -51,17 +53,30 @@ def kernel_init(base: nn.initializers.Initializer = nn.initializers.lecun_normal
 
 
 class Linear(nn.Module):
-    """Bias-free projection with a torch-layout kernel [out, in]; `axes` are its logical (out, in) names."""
+    """Bias-free projection with a torch-layout kernel [*features, in]; `axes` are its logical names (features
+    then in). Several features dimensions make one fused projection (e.g. q/k/v): one larger product, and
+    [out..., in] stays shardable along its leading (head) dimension."""
 
-    features: int
-    axes: tuple[str, str]
+    features: int | tuple[int, ...]
+    axes: tuple[str, ...]
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init(), self.axes),
-                            (self.features, x.shape[-1]))
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        init = kernel_init() if len(features) == 1 else fused_kernel_init(len(features))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), (*features, x.shape[-1]))
         return linear(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+def fused_kernel_init(n_out: int) -> nn.initializers.Initializer:
+    """LeCun-normal over the flattened output dimensions of a [*out, in] kernel (fan in = in)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        flat = (math.prod(shape[:n_out]), shape[-1])
+        return kernel_init()(key, flat, dtype).reshape(shape)
+
+    return init
 
 
 class RMSNorm(nn.Module):
@@ -90,9 +105,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         r = h // hkv
-        q = Linear(h * hd, ("heads", "embed"), dt, name="q_proj")(x).reshape(b, t, h, hd)
-        k = Linear(hkv * hd, ("kv_heads", "embed"), dt, name="k_proj")(x).reshape(b, t, hkv, hd)
-        v = Linear(hkv * hd, ("kv_heads", "embed"), dt, name="v_proj")(x).reshape(b, t, hkv, hd)
+        # q, k and v in one product, grouped by KV head: kernel [Hkv, R + 2, hd, D] holds, for KV head g, the
+        # query heads g * R .. g * R + R - 1 (transformers' GQA order), then g's key, then g's value
+        qkv = Linear((hkv, r + 2, hd), ("kv_heads", "qkv", "head_dim", "embed"), dt, name="qkv_proj")(x)
+        q = qkv[:, :, :, :r].reshape(b, t, h, hd)
+        k, v = qkv[:, :, :, r], qkv[:, :, :, r + 1]  # [B, T, Hkv, hd]
         inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
@@ -124,8 +141,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, self.dtype
-        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, name="up_proj")(x)
+        # gate and up in one product: kernel [I, 2, D] (gate row, up row per hidden unit; shardable along I)
+        gate_up = Linear((cfg.intermediate_size, 2), ("mlp", "gate_up", "embed"), dt, name="gate_up_proj")(x)
+        gate, up = gate_up[..., 0], gate_up[..., 1]
         return Linear(cfg.hidden_size, ("embed", "mlp"), dt, name="down_proj")(nn.silu(gate) * up)
 
 

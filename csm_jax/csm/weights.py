@@ -25,9 +25,9 @@ from csm_jax.csm.config import CsmConfig, LlamaConfig
 from csm_jax.weights import Entry, convert, read_safetensors, rope_interleaved_to_half, same
 
 CHECKPOINT_KIND = "csm"
-# Converted checkpoints store projection kernels [out, in] (torch layout) and say so in their JSON description;
-# older ones (no such entry) hold them [in, out] and are transposed on load.
-LAYOUT_KEY, LAYOUT = "csm_kernel_layout", "out_in"
+# Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v and
+# gate/up fused); older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
+LAYOUT_KEY, LAYOUT = "csm_param_layout", "fused_out_in"
 _HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
 
 
@@ -39,6 +39,14 @@ def abstract_params(cfg: CsmConfig) -> dict[str, Any]:
     tokens, mask = jnp.zeros((1, 1, k + 1), jnp.int32), jnp.ones((1, 1, k + 1), bool)
     boxed = jax.eval_shape(lambda: Csm(cfg).init(jax.random.key(0), tokens, mask))["params"]
     return nn.meta.unbox(boxed)
+
+
+def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int, head_dim: int) -> np.ndarray:
+    """torch q [H*hd, D], k and v [Hkv*hd, D] -> the fused kernel [Hkv, H/Hkv + 2, hd, D] (per KV head: its
+    query heads, its key, its value)."""
+    d = q.shape[-1]
+    q = q.reshape(kv_heads, -1, head_dim, d)
+    return np.concatenate([q, k.reshape(kv_heads, 1, head_dim, d), v.reshape(kv_heads, 1, head_dim, d)], axis=1)
 
 
 def _stack_entries(cfg: LlamaConfig, ours: str, theirs: str, fmt: str) -> Iterator[Entry]:
@@ -53,18 +61,16 @@ def _stack_entries(cfg: LlamaConfig, ours: str, theirs: str, fmt: str) -> Iterat
         else:
             names = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.output_proj",
                      "gate": "mlp.w1", "up": "mlp.w3", "down": "mlp.w2", "ln1": "sa_norm.scale", "ln2": "mlp_norm.scale"}
-        for proj, heads, rows in (("q", h, h * hd), ("k", hkv, hkv * hd)):
-            key = f"{t}.{names[proj]}.weight"
-            if fmt == "hf":
-                yield same(f"{o}/self_attn/{proj}_proj/kernel", key, (rows, d))
-            else:
-                yield Entry(f"{o}/self_attn/{proj}_proj/kernel", ((key, (rows, d)),),
-                            lambda w, heads=heads: rope_interleaved_to_half(w, heads))
-        # Linear kernels are [out, in], as torch stores them
-        yield same(f"{o}/self_attn/v_proj/kernel", f"{t}.{names['v']}.weight", (hkv * hd, d))
+        # Linear kernels are [out, in], as torch stores them; q/k/v and gate/up are fused (see llama)
+        rope = (lambda w, heads: w) if fmt == "hf" else rope_interleaved_to_half
+        keys = tuple((f"{t}.{names[proj]}.weight", (rows, d)) for proj, rows in
+                     (("q", h * hd), ("k", hkv * hd), ("v", hkv * hd)))
+        yield Entry(f"{o}/self_attn/qkv_proj/kernel", keys,
+                    lambda q, k, v, rope=rope: fuse_qkv(rope(q, h), rope(k, hkv), v, hkv, hd))
+        yield Entry(f"{o}/mlp/gate_up_proj/kernel", ((f"{t}.{names['gate']}.weight", (inter, d)),
+                                                     (f"{t}.{names['up']}.weight", (inter, d))),
+                    lambda gate, up: np.stack([gate, up], axis=1))
         yield same(f"{o}/self_attn/o_proj/kernel", f"{t}.{names['o']}.weight", (d, h * hd))
-        yield same(f"{o}/mlp/gate_proj/kernel", f"{t}.{names['gate']}.weight", (inter, d))
-        yield same(f"{o}/mlp/up_proj/kernel", f"{t}.{names['up']}.weight", (inter, d))
         yield same(f"{o}/mlp/down_proj/kernel", f"{t}.{names['down']}.weight", (d, inter))
         yield same(f"{o}/input_layernorm/scale", f"{t}.{names['ln1']}", (d,))
         yield same(f"{o}/post_attention_layernorm/scale", f"{t}.{names['ln2']}", (d,))
@@ -131,16 +137,12 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
     if path.is_dir() and checkpoint.is_converted(path):
         meta = checkpoint.read_meta(path, CHECKPOINT_KIND)
         cfg = config or CsmConfig.from_dict(meta["config"])
-        abstract = abstract_params(cfg)
         if meta.get(LAYOUT_KEY) == LAYOUT:
-            return checkpoint.restore(path, abstract), cfg
-        # converted before kernels were stored [out, in]: restore them as [in, out] and transpose
-        legacy = jax.tree_util.tree_map_with_path(
-            lambda p, a: jax.ShapeDtypeStruct(_swap_last(a.shape), a.dtype) if _is_kernel(p, a) else a, abstract)
-        params = checkpoint.restore(path, legacy)
-        return jax.tree_util.tree_map_with_path(
-            lambda p, a: np.ascontiguousarray(np.swapaxes(np.asarray(a), -1, -2)) if _is_kernel(p, a) else a,
-            params), cfg
+            return checkpoint.restore(path, abstract_params(cfg)), cfg
+        # converted before the current layout (no layout entry): separate [in, out] kernels, mapped as a
+        # transformers checkpoint would be
+        old = jax.tree_util.tree_map(np.asarray, checkpoint.restore(path, _v1_abstract_params(cfg)))
+        return convert_csm(_v1_as_transformers(old, cfg), cfg, str(path)), cfg
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise CheckpointError(f"{path} has no model.safetensors and no {checkpoint.META_FILE}")
@@ -165,11 +167,40 @@ def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) 
     return path
 
 
-def _is_kernel(path: tuple[Any, ...], leaf: Any) -> bool:
-    """Projection weights (every parameter of 2+ dimensions but the embedding tables)."""
-    name = getattr(path[-1], "key", None)
-    return len(leaf.shape) >= 2 and name not in ("text_embeddings", "audio_embeddings")
+def _v1_abstract_params(cfg: CsmConfig) -> dict[str, Any]:
+    """The parameter tree of checkpoints converted before LAYOUT: unfused projections, kernels [in, out]."""
+
+    def f32(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    def stack(c: LlamaConfig) -> dict[str, Any]:
+        d, q, kv, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        layer = {"self_attn": {"q_proj": {"kernel": f32(d, q)}, "k_proj": {"kernel": f32(d, kv)},
+                               "v_proj": {"kernel": f32(d, kv)}, "o_proj": {"kernel": f32(q, d)}},
+                 "mlp": {"gate_proj": {"kernel": f32(d, inter)}, "up_proj": {"kernel": f32(d, inter)},
+                         "down_proj": {"kernel": f32(inter, d)}},
+                 "input_layernorm": {"scale": f32(d)}, "post_attention_layernorm": {"scale": f32(d)}}
+        return {**{f"layers_{i}": layer for i in range(c.num_layers)}, "norm": {"scale": f32(d)}}
+
+    bb, dd, v, k = cfg.backbone.hidden_size, cfg.decoder.hidden_size, cfg.audio_vocab_size, cfg.num_codebooks
+    return {"text_embeddings": f32(cfg.text_vocab_size, bb), "audio_embeddings": f32(k * v, bb),
+            "backbone": stack(cfg.backbone), "decoder": stack(cfg.decoder), "projection": f32(bb, dd),
+            "codebook0_head": f32(bb, v), "audio_head": f32(k - 1, dd, v)}
 
 
-def _swap_last(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (*shape[:-2], shape[-1], shape[-2])
+def _v1_as_transformers(p: dict[str, Any], cfg: CsmConfig) -> dict[str, np.ndarray]:
+    """A pre-LAYOUT parameter tree as transformers' CSM tensors (torch Linear weights [out, in])."""
+    t = {"embed_text_tokens.weight": p["text_embeddings"], _HF_AUDIO_KEYS[1]: p["audio_embeddings"],
+         "depth_decoder.model.inputs_embeds_projector.weight": p["projection"].T,
+         "lm_head.weight": p["codebook0_head"].T, "depth_decoder.codebooks_head.weight": p["audio_head"]}
+    for ours, theirs, c in (("backbone", "backbone_model", cfg.backbone),
+                            ("decoder", "depth_decoder.model", cfg.decoder)):
+        t[f"{theirs}.norm.weight"] = p[ours]["norm"]["scale"]
+        for i in range(c.num_layers):
+            layer, prefix = p[ours][f"layers_{i}"], f"{theirs}.layers.{i}"
+            for block, projs in (("self_attn", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down"))):
+                for proj in projs:
+                    t[f"{prefix}.{block}.{proj}_proj.weight"] = layer[block][f"{proj}_proj"]["kernel"].T
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                t[f"{prefix}.{norm}.weight"] = layer[norm]["scale"]
+    return t
