@@ -32,13 +32,12 @@ def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
     lead, n_in, out = x.shape[:-1], x.shape[-1], kernel.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, n_in)
+    kernel = kernel.reshape(-1, n_in)  # as 2-D [out, in]: XLA:CPU is 2-3x slower on (or transposes) [*out, in]
     if 1 < rows <= SMALL_ROWS:
         acc = jnp.promote_types(x.dtype, jnp.float32)
-        xb = x2.astype(acc).reshape(rows, *(1,) * len(out), n_in)
-        y = jnp.sum(kernel.astype(acc)[None] * xb, axis=-1).astype(x.dtype)
+        y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1).astype(x.dtype)
     else:
-        # 2-D [out, in] kernel: XLA:CPU would transpose a kernel with several out dimensions to [in, out] first
-        y = jax.lax.dot_general(x2, kernel.reshape(-1, n_in), (((1,), (1,)), ((), ())))
+        y = jax.lax.dot_general(x2, kernel, (((1,), (1,)), ((), ())))
     return y.reshape(*lead, *out)
 
 
