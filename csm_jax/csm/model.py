@@ -74,7 +74,7 @@ class Csm(nn.Module):
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Depth-decoder hidden [B, D_d] -> float32 logits [B, V] for `codebook` (1..K-1)."""
         dt = self.cfg.compute_dtype
-        head = jnp.take(self.audio_head, codebook - 1, axis=0).astype(dt)
+        head = jax.lax.dynamic_index_in_dim(self.audio_head, codebook - 1, keepdims=False).astype(dt)
         return linear(hidden.astype(dt), head).astype(jnp.float32)
 
     # full-sequence forms (training, parity) ----------------------------------------------------------------
