@@ -109,6 +109,13 @@ def _stream_fns(cfg: MimiConfig, kind: str, batch_size: int, num_codebooks: int)
     return init, jax.jit(step, donate_argnums=2)
 
 
+@jax.jit
+def _reset_rows(fresh: State, state: State, mask: jax.Array) -> State:
+    """Rows where mask [B] is True taken from `fresh`, the others kept from `state`."""
+    return jax.tree_util.tree_map(
+        lambda new, old: jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old), fresh, state)
+
+
 class _Stream:
     """B independent streams advanced together; `state` is an explicit pytree, each step one jitted call."""
 
@@ -130,9 +137,7 @@ class _Stream:
         mask = jnp.asarray(mask, jnp.bool_)
         if mask.shape != (self.batch_size,):
             raise ValueError(f"mask must have shape ({self.batch_size},), got {mask.shape}")
-        self.state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old), fresh, self.state
-        )
+        self.state = _reset_rows(fresh, self.state, mask)
 
 
 class StreamEncoder(_Stream):

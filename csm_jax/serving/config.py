@@ -20,7 +20,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    batch_size: int = 8
+    batch_size: int = 16
     warmup_rows: int = 2048
     compile_cache_dir: str | None = None
 
