@@ -21,8 +21,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("qkv", None),  # fused projections: which of q / k / v (within a KV-head group), gate or up
-    ("gate_up", None),
+    ("qkv", None),  # fused q/k/v projection: which of a KV-head group's queries, its key or its value
     ("embed", None),
     ("decoder_embed", None),
     ("vocab", None),

@@ -47,8 +47,10 @@ def test_sharded_equals_unsharded_and_batched_equals_single(shape, tmp_path_fact
             np.testing.assert_array_equal(a, b)
 
     engine = sharded.engine(4)
-    kernel = engine.params["backbone"]["layers_0"]["mlp"]["gate_up_proj"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", None, None)  # [mlp, gate/up, embed]
+    kernel = engine.params["backbone"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", None)  # [mlp, embed]
+    qkv = engine.params["backbone"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"]  # [kv_heads, qkv, hd, embed]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("tensor", None, None, None)
     assert engine.init_state().caches[0]["k"].sharding.spec[0] == "data"
 
     batched = gen.generate_codes(tokens, mask, 10, temperature=0.9, top_k=5, seed=7)

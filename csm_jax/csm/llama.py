@@ -22,18 +22,21 @@ Cache = dict[str, jax.Array]
 _NEG = -1e30
 
 
-# Up to this many rows, `linear` computes x @ W.T as one fused multiply-and-reduce: on XLA:CPU that streams W once
-# at close to memory bandwidth, where a dot of 2-8 rows reaches only 10-20 GB/s (one row: a dot is fastest).
-SMALL_ROWS = 8
+# In decoding, up to this many rows, `linear` computes x @ W.T as one fused multiply-and-reduce: on XLA:CPU that
+# streams W once at 25-45 GB/s for 2-8 rows where a dot reaches 10-20 GB/s, and stays ~1.6x faster than the dot at
+# 16-32 rows (one row: a dot is fastest).
+SMALL_ROWS = 32
 
 
-def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., in] times a torch-layout kernel [*out, in] -> [..., *out], accumulated in float32 at least."""
+def linear(x: jax.Array, kernel: jax.Array, decode: bool = False) -> jax.Array:
+    """x [..., in] times a torch-layout kernel [*out, in] -> [..., *out], accumulated in float32 at least.
+    `decode`: a generation step, whose few rows may take the multiply-reduce form; otherwise (training, full
+    forward passes) always a dot, so results do not depend on how many rows a batch has."""
     lead, n_in, out = x.shape[:-1], x.shape[-1], kernel.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, n_in)
     kernel = kernel.reshape(-1, n_in)  # as 2-D [out, in]: XLA:CPU is 2-3x slower on (or transposes) [*out, in]
-    if 1 < rows <= SMALL_ROWS:
+    if decode and 1 < rows <= SMALL_ROWS:
         acc = jnp.promote_types(x.dtype, jnp.float32)
         y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1).astype(x.dtype)
     else:
@@ -59,21 +62,26 @@ class Linear(nn.Module):
     features: int | tuple[int, ...]
     axes: tuple[str, ...]
     dtype: jnp.dtype
+    decode: bool = False  # see `linear`
+    init: nn.initializers.Initializer | None = None  # default: `kernel_init()` (one features dimension)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        init = kernel_init() if len(features) == 1 else fused_kernel_init(len(features))
+        init = self.init or kernel_init()
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), (*features, x.shape[-1]))
-        return linear(x.astype(self.dtype), kernel.astype(self.dtype))
+        return linear(x.astype(self.dtype), kernel.astype(self.dtype), self.decode)
 
 
-def fused_kernel_init(n_out: int) -> nn.initializers.Initializer:
-    """LeCun-normal over the flattened output dimensions of a [*out, in] kernel (fan in = in)."""
+def qkv_kernel_init() -> nn.initializers.Initializer:
+    """The fused [Hkv, R + 2, hd, D] q/k/v kernel as three separately initialised projections (q, k, v)."""
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        flat = (math.prod(shape[:n_out]), shape[-1])
-        return kernel_init()(key, flat, dtype).reshape(shape)
+        hkv, r2, hd, d = shape
+        kq, kk, kv = jax.random.split(key, 3)
+        q = kernel_init()(kq, (hkv * (r2 - 2) * hd, d), dtype).reshape(hkv, r2 - 2, hd, d)
+        k, v = (kernel_init()(rng, (hkv * hd, d), dtype).reshape(hkv, 1, hd, d) for rng in (kk, kv))
+        return jnp.concatenate([q, k, v], axis=1)
 
     return init
 
@@ -106,7 +114,9 @@ class Attention(nn.Module):
         r = h // hkv
         # q, k and v in one product, grouped by KV head: kernel [Hkv, R + 2, hd, D] holds, for KV head g, the
         # query heads g * R .. g * R + R - 1 (transformers' GQA order), then g's key, then g's value
-        qkv = Linear((hkv, r + 2, hd), ("kv_heads", "qkv", "head_dim", "embed"), dt, name="qkv_proj")(x)
+        dec = cache is not None
+        qkv = Linear((hkv, r + 2, hd), ("kv_heads", "qkv", "head_dim", "embed"), dt, dec, qkv_kernel_init(),
+                     name="qkv_proj")(x)
         q = qkv[:, :, :, :r].reshape(b, t, h, hd)
         k, v = qkv[:, :, :, r], qkv[:, :, :, r + 1]  # [B, T, Hkv, hd]
         inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -130,20 +140,21 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt)).reshape(b, hkv, t, r, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
-        return Linear(cfg.hidden_size, ("embed", "heads"), dt, name="o_proj")(out), cache
+        return Linear(cfg.hidden_size, ("embed", "heads"), dt, dec, name="o_proj")(out), cache
 
 
 class MLP(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype
+    decode: bool = False  # see `linear`
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, dt = self.cfg, self.dtype
-        # gate and up in one product: kernel [I, 2, D] (gate row, up row per hidden unit; shardable along I)
-        gate_up = Linear((cfg.intermediate_size, 2), ("mlp", "gate_up", "embed"), dt, name="gate_up_proj")(x)
-        gate, up = gate_up[..., 0], gate_up[..., 1]
-        return Linear(cfg.hidden_size, ("embed", "mlp"), dt, name="down_proj")(nn.silu(gate) * up)
+        cfg, dt, dec = self.cfg, self.dtype, self.decode
+        # (gate and up stay apart: for 2-8 rows XLA already fuses both products and down_proj into one)
+        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, dec, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, dec, name="up_proj")(x)
+        return Linear(cfg.hidden_size, ("embed", "mlp"), dt, dec, name="down_proj")(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -156,7 +167,8 @@ class Block(nn.Module):
         a, cache = Attention(cfg, dt, name="self_attn")(RMSNorm(cfg.norm_eps, dt, name="input_layernorm")(x),
                                                          positions, cache)
         x = x + a
-        return x + MLP(cfg, dt, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="post_attention_layernorm")(x)), cache
+        mlp = MLP(cfg, dt, cache is not None, name="mlp")
+        return x + mlp(RMSNorm(cfg.norm_eps, dt, name="post_attention_layernorm")(x)), cache
 
 
 class Transformer(nn.Module):

@@ -57,25 +57,26 @@ class Csm(nn.Module):
     ) -> tuple[jax.Array, jax.Array, list[Cache] | None]:
         """Rows at `positions` [B, S] -> (codebook-0 logits float32 [B, S, V], hidden [B, S, D_b], caches)."""
         h, caches = self.backbone(self.embed(tokens, mask), positions, caches)
-        return self.c0_logits(h), h.astype(jnp.float32), caches
+        return self.c0_logits(h, caches is not None), h.astype(jnp.float32), caches
 
-    def c0_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [..., D_b] -> float32 [..., V]."""
+    def c0_logits(self, hidden: jax.Array, decode: bool = False) -> jax.Array:
+        """hidden [..., D_b] -> float32 [..., V]. `decode`: see `llama.linear`."""
         dt = self.cfg.compute_dtype
-        return linear(hidden.astype(dt), self.codebook0_head.astype(dt)).astype(jnp.float32)
+        return linear(hidden.astype(dt), self.codebook0_head.astype(dt), decode).astype(jnp.float32)
 
     def decoder_step(
         self, inputs: jax.Array, positions: jax.Array, caches: list[Cache] | None
     ) -> tuple[jax.Array, list[Cache] | None]:
         """Depth-decoder inputs in backbone width [B, T, D_b] at positions [B, T] -> (hidden [B, T, D_d], caches)."""
         dt = self.cfg.compute_dtype
-        return self.decoder(linear(inputs.astype(dt), self.projection.astype(dt)), positions, caches)
+        projected = linear(inputs.astype(dt), self.projection.astype(dt), caches is not None)
+        return self.decoder(projected, positions, caches)
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
-        """Depth-decoder hidden [B, D_d] -> float32 logits [B, V] for `codebook` (1..K-1)."""
+        """Depth-decoder hidden [B, D_d] -> float32 logits [B, V] for `codebook` (1..K-1); a generation step."""
         dt = self.cfg.compute_dtype
         head = jax.lax.dynamic_index_in_dim(self.audio_head, codebook - 1, keepdims=False).astype(dt)
-        return linear(hidden.astype(dt), head).astype(jnp.float32)
+        return linear(hidden.astype(dt), head, decode=True).astype(jnp.float32)
 
     # full-sequence forms (training, parity) ----------------------------------------------------------------
     def backbone_forward(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -25,9 +25,9 @@ from csm_jax.csm.config import CsmConfig, LlamaConfig
 from csm_jax.weights import Entry, convert, read_safetensors, rope_interleaved_to_half, same
 
 CHECKPOINT_KIND = "csm"
-# Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v and
-# gate/up fused); older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
-LAYOUT_KEY, LAYOUT = "csm_param_layout", "fused_out_in"
+# Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v fused);
+# older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
+LAYOUT_KEY, LAYOUT = "csm_param_layout", "qkv_out_in"
 _HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
 
 
@@ -61,15 +61,14 @@ def _stack_entries(cfg: LlamaConfig, ours: str, theirs: str, fmt: str) -> Iterat
         else:
             names = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.output_proj",
                      "gate": "mlp.w1", "up": "mlp.w3", "down": "mlp.w2", "ln1": "sa_norm.scale", "ln2": "mlp_norm.scale"}
-        # Linear kernels are [out, in], as torch stores them; q/k/v and gate/up are fused (see llama)
+        # Linear kernels are [out, in], as torch stores them; q/k/v are fused (see llama)
         rope = (lambda w, heads: w) if fmt == "hf" else rope_interleaved_to_half
         keys = tuple((f"{t}.{names[proj]}.weight", (rows, d)) for proj, rows in
                      (("q", h * hd), ("k", hkv * hd), ("v", hkv * hd)))
         yield Entry(f"{o}/self_attn/qkv_proj/kernel", keys,
                     lambda q, k, v, rope=rope: fuse_qkv(rope(q, h), rope(k, hkv), v, hkv, hd))
-        yield Entry(f"{o}/mlp/gate_up_proj/kernel", ((f"{t}.{names['gate']}.weight", (inter, d)),
-                                                     (f"{t}.{names['up']}.weight", (inter, d))),
-                    lambda gate, up: np.stack([gate, up], axis=1))
+        yield same(f"{o}/mlp/gate_proj/kernel", f"{t}.{names['gate']}.weight", (inter, d))
+        yield same(f"{o}/mlp/up_proj/kernel", f"{t}.{names['up']}.weight", (inter, d))
         yield same(f"{o}/self_attn/o_proj/kernel", f"{t}.{names['o']}.weight", (d, h * hd))
         yield same(f"{o}/mlp/down_proj/kernel", f"{t}.{names['down']}.weight", (d, inter))
         yield same(f"{o}/input_layernorm/scale", f"{t}.{names['ln1']}", (d,))
@@ -168,7 +167,7 @@ def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) 
 
 
 def _v1_abstract_params(cfg: CsmConfig) -> dict[str, Any]:
-    """The parameter tree of checkpoints converted before LAYOUT: unfused projections, kernels [in, out]."""
+    """The parameter tree of checkpoints converted before LAYOUT: separate q/k/v, kernels [in, out]."""
 
     def f32(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.float32)
