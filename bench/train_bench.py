@@ -2,10 +2,10 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/train_bench.py                          # --size small: B=4, S=256 (~2 min)
+    .venv/bin/python bench/train_bench.py                          # --size small: B=4, S=256 (~70 s on 2 idle cores)
     .venv/bin/python bench/train_bench.py --size small --steps 10 --json train_bench.json
     .venv/bin/python bench/train_bench.py --size tiny --steps 2     # smoke test of the script (seconds)
-    .venv/bin/python bench/train_bench.py --size 1b                 # CSM-1B, B=1, S=128: needs ~60 GB free RAM
+    .venv/bin/python bench/train_bench.py --size 1b                 # CSM-1B, B=1, S=128: needs ~53 GiB free RAM
 
 A transformers `CsmForConditionalGeneration` of the chosen size (fp32, CSM's llama3 RoPE, every backbone / depth /
 head weight redrawn from a seeded generator so the logits are far from flat; a tiny unused Mimi codec) is saved
