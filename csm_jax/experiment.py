@@ -21,9 +21,11 @@ from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.configs import from_dict
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.generator import Generator
-from csm_jax.csm.prompt import code_rows, text_rows
+from csm_jax.csm.prompt import PromptFormat
 from csm_jax.data import Dataset, Loader, make_espeak_corpus, prepare, split
-from csm_jax.default_model import byte_tokenizer, default_mimi_config
+from csm_jax.data.speech_corpus import make_speech_corpus
+from csm_jax.codec.config import MimiConfig
+from csm_jax.default_model import byte_tokenizer
 from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,22 @@ def tokenizer(cfg: dict[str, Any]) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+def prompt_format(cfg: dict[str, Any]) -> PromptFormat:
+    """The model's conversation format: its tokenizer, `model.frontend` and codebooks, with the context turn limit
+    of `data.loader.context_turns`."""
+    mc = model_config(cfg)
+    return PromptFormat(tokenizer(cfg), mc.num_codebooks, mc.audio_vocab_size, cfg["model"].get("frontend"),
+                        int(cfg["data"]["loader"]["context_turns"]))
+
+
 def codec(cfg: dict[str, Any]) -> MimiCodec:
-    """`codec.path` (any Mimi checkpoint), the codec bundled with `model.init`, or seeded random tiny weights."""
+    """`codec.path` (any Mimi checkpoint), the codec bundled with `model.init`, or seeded random weights of the
+    `codec.config` architecture."""
     c = cfg["codec"]
     if c.get("path"):
         return load_codec(c["path"])
     if c.get("random_seed") is not None:
-        return MimiCodec.random(default_mimi_config(), seed=int(c["random_seed"]))
+        return MimiCodec.random(MimiConfig.from_dict(dict(c["config"])), seed=int(c["random_seed"]))
     if cfg["model"].get("init"):
         return load_codec(cfg["model"]["init"])
     raise ValueError("no codec: set codec.path, codec.random_seed, or model.init with bundled codec weights")
@@ -81,7 +92,7 @@ def datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
                  seed=int(cfg.get("seed", 0)))
 
 
-def loader(cfg: dict[str, Any], dataset: Dataset, tok: Tokenizer, shuffle: bool) -> Loader:
+def loader(cfg: dict[str, Any], dataset: Dataset, fmt: PromptFormat, shuffle: bool) -> Loader:
     mc, opts = model_config(cfg), dict(cfg["data"]["loader"])
     unknown = set(opts) - {"batch_size", "max_rows", "context_turns", "seed", "buckets", "group_batches"}
     if unknown:
@@ -89,7 +100,8 @@ def loader(cfg: dict[str, Any], dataset: Dataset, tok: Tokenizer, shuffle: bool)
     if opts["max_rows"] > mc.backbone.max_seq_len:
         raise ValueError(f"data.loader.max_rows={opts['max_rows']} exceeds the model's context "
                          f"({mc.backbone.max_seq_len})")
-    return Loader(dataset, tok, mc.num_codebooks, mc.audio_vocab_size, shuffle=shuffle, drop_last=False, **opts)
+    opts.pop("context_turns")  # part of the prompt format
+    return Loader(dataset, fmt, shuffle=shuffle, drop_last=False, **opts)
 
 
 class Endless:
@@ -113,30 +125,36 @@ class Endless:
 
 # recipes -----------------------------------------------------------------------------------------------------
 def make_corpus(cfg: dict[str, Any]) -> Path:
-    """The espeak-ng corpus of `data.corpus` written next to `data.manifest`."""
-    corpus = cfg["data"].get("corpus")
+    """The corpus of `data.corpus` written next to `data.manifest`: `recipe` "espeak" (the default: espeak-ng only,
+    `make_espeak_corpus`) or "speech" (every offline synthesiser, `make_speech_corpus`); its other keys are the
+    recipe's arguments."""
+    corpus = dict(cfg["data"].get("corpus") or {})
     if not corpus:
         raise ValueError(f"data '{cfg['data'].get('name')}' has no corpus recipe (data.corpus is null)")
-    return make_espeak_corpus(Path(cfg["data"]["manifest"]).parent, **corpus)
+    recipes = {"espeak": make_espeak_corpus, "speech": make_speech_corpus}
+    recipe = corpus.pop("recipe", "espeak")
+    if recipe not in recipes:
+        raise ValueError(f"unknown data.corpus.recipe {recipe!r}; known: {sorted(recipes)}")
+    return recipes[recipe](Path(cfg["data"]["manifest"]).parent, **corpus)
 
 
 def prepare_data(cfg: dict[str, Any]) -> Any:
     """Manifest -> Mimi codes + text tokens in `data.prepared` (resumable)."""
     mc, d = model_config(cfg), cfg["data"]
-    return prepare(d["manifest"], d["prepared"], codec(cfg), tokenizer(cfg), mc.num_codebooks,
+    return prepare(d["manifest"], d["prepared"], codec(cfg), prompt_format(cfg), mc.num_codebooks,
                    audio_vocab_size=mc.audio_vocab_size, shard_size=int(d["shard_size"]))
 
 
 def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train (resuming from `workdir` when it holds checkpoints) on the prepared data; returns the summary."""
     check_keys(cfg)
-    mc, tc, tok = model_config(cfg), train_config(cfg), tokenizer(cfg)
+    mc, tc, fmt = model_config(cfg), train_config(cfg), prompt_format(cfg)
     train_set, eval_set = datasets(cfg)
-    eval_loader = None if not tc.eval_every else (lambda: loader(cfg, eval_set, tok, shuffle=False))
+    eval_loader = None if not tc.eval_every else (lambda: loader(cfg, eval_set, fmt, shuffle=False))
     workdir = Path(cfg["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return train(tc, mc, Endless(loader(cfg, train_set, tok, shuffle=True)), eval_loader, workdir)
+    return train(tc, mc, Endless(loader(cfg, train_set, fmt, shuffle=True)), eval_loader, workdir)
 
 
 def restore_params(cfg: dict[str, Any], which: str | int = "best") -> tuple[Any, int]:
@@ -156,25 +174,26 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
     to the codec's resynthesis of the real turn, and optionally their intelligibility; writes eval/step_N/."""
     check_keys(cfg)
     e = cfg["evaluate"]
-    mc, tc, tok, mimi = model_config(cfg), train_config(cfg), tokenizer(cfg), codec(cfg)
+    mc, tc, fmt, mimi = model_config(cfg), train_config(cfg), prompt_format(cfg), codec(cfg)
     params, step = restore_params(cfg, e.get("checkpoint", "best"))
     _, eval_set = datasets(cfg)
     full = LossConfig(depth_fraction=1.0)
-    metrics = evaluate(TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps), params, lambda: loader(cfg, eval_set, tok, shuffle=False),
+    metrics = evaluate(TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps), params, lambda: loader(cfg, eval_set, fmt, shuffle=False),
                        e.get("eval_batches"), full)
     out = Path(cfg["workdir"]) / "eval" / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)
-    gen = Generator(params, mc, mimi, tok)
+    gen = Generator(params, mc, mimi, fmt.tokenizer, frontend=fmt.frontend)
     samples, texts, real = [], [], []
     for i in range(min(int(e["samples"]), len(eval_set))):
         entry = eval_set[i]
-        context = [j for j in range(len(eval_set)) if eval_set[j].conversation == entry.conversation
-                   and eval_set[j].turn < entry.turn][-int(cfg["data"]["loader"]["context_turns"]):]
-        parts = [r for j in context for r in (text_rows(tok, eval_set[j].text, eval_set[j].speaker, mc.num_codebooks),
-                                              code_rows(eval_set.codes(j), mc.num_codebooks, mc.audio_vocab_size))]
-        parts.append(text_rows(tok, entry.text, entry.speaker, mc.num_codebooks))
-        tokens, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        codes = gen.generate_codes(tokens, mask, max_frames=max(1, int(e["max_audio_ms"]) // 80),
+        earlier = [j for j in range(len(eval_set)) if eval_set[j].conversation == entry.conversation
+                   and eval_set[j].turn < entry.turn]
+        max_frames = max(1, int(e["max_audio_ms"]) // 80)
+        target = fmt.text_ids(entry.text, entry.speaker)
+        history = [(fmt.text_ids(eval_set[j].text, eval_set[j].speaker), eval_set.codes(j).astype(np.int32))
+                   for j in earlier]
+        (tokens, mask), _ = fmt.conversation_rows(history, target, mc.backbone.max_seq_len - max_frames - len(target))
+        codes = gen.generate_codes(tokens, mask, max_frames=max_frames,
                                    temperature=float(e["temperature"]), top_k=int(e["top_k"]),
                                    seed=int(e.get("seed", 0)) + i, code_limit=mimi.config.codebook_size)
         audio = np.asarray(mimi.decode(codes.T[None]))[0] if len(codes) else np.zeros(0, np.float32)

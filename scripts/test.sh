@@ -3,10 +3,12 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dev.sh"
 cd "$ROOT"
-# System tools the tests use: Debian's Chromium for the web client (never Playwright's own download) and
-# espeak-ng for the real speech corpus of the training and evaluation tests.
-if [ ! -x /usr/bin/chromium ] || ! command -v espeak-ng >/dev/null; then
+# System tools the tests use: Debian's Chromium for the web client (never Playwright's own download), espeak-ng for
+# the real speech corpus of the training and evaluation tests, and flite and festival with three voices for the
+# multi-speaker speech corpus.
+APT_PACKAGES="chromium espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
+if ! dpkg -s $APT_PACKAGES >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium espeak-ng >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $APT_PACKAGES >/dev/null
 fi
 exec "$PY" -m pytest "$@"

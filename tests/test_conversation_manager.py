@@ -26,6 +26,11 @@ def store():
     s.close()
 
 
+def manager(store, g, max_turns: int = 16, cache_size: int = 4096) -> ConversationManager:
+    return ConversationManager(store, g.prompt_format().with_context(max_turns), g.cfg.backbone.max_seq_len,
+                               cache_size=cache_size)
+
+
 def small(gen, max_seq_len: int) -> csm_jax.Generator:
     """The same model with a shorter context (the manager only reads text_rows / code_rows / cfg)."""
     cfg = gen.cfg.replace(backbone=dataclasses.replace(gen.cfg.backbone, max_seq_len=max_seq_len))
@@ -42,7 +47,7 @@ def cat(*parts):
 
 def test_text_context_matches_generator_prompt(gen, store):
     assert gen.cfg.backbone.max_seq_len == 2048 and gen.cfg.num_codebooks == 8
-    m = ConversationManager(store, gen)
+    m = manager(store, gen)
     cid, resumed = m.start()
     assert not resumed and store.has_conversation(cid)
     said = [(1, "Hi there!"), (0, "Hello, how are you?"), (1, "Fine, thanks.")]
@@ -57,7 +62,7 @@ def test_text_context_matches_generator_prompt(gen, store):
 
 
 def test_audio_context_rows(gen, store):
-    m = ConversationManager(store, gen)
+    m = manager(store, gen)
     cid, _ = m.start()
     c1, c2 = codes(7), codes(4, books=5, seed=1)
     t1 = m.add_turn(cid, 1, "Spoken.", c1, "user")
@@ -84,7 +89,7 @@ def rows_of(gen, text, speaker, frames=None):
 
 def test_windowing_keeps_most_recent_whole_turns(gen, store):
     g = small(gen, 128)
-    m = ConversationManager(store, g)
+    m = manager(store, g)
     cid, _ = m.start()
     # turn sizes in rows: "[0]a" -> 1 + 4 + 1 = 6 rows of text; with codes of T frames: + T + 1
     sizes = []
@@ -110,7 +115,7 @@ def test_windowing_keeps_most_recent_whole_turns(gen, store):
 
 def test_window_never_skips_newer_turn_for_older(gen, store):
     g = small(gen, 100)
-    m = ConversationManager(store, g)
+    m = manager(store, g)
     cid, _ = m.start()
     m.add_turn(cid, 0, "old", None, "user")          # small
     m.add_turn(cid, 1, "big", codes(60), "user")     # large
@@ -123,7 +128,7 @@ def test_window_never_skips_newer_turn_for_older(gen, store):
 
 def test_max_turns(gen, store):
     for max_turns in (0, 2):
-        m = ConversationManager(store, gen, max_turns=max_turns)
+        m = manager(store, gen, max_turns=max_turns)
         cid, _ = m.start()
         for i in range(5):
             m.add_turn(cid, 0, f"t{i}", None, "user")
@@ -135,7 +140,7 @@ def test_max_turns(gen, store):
 
 def test_newest_turn_too_big_drops_all_history(gen, store):
     g = small(gen, 64)
-    m = ConversationManager(store, g)
+    m = manager(store, g)
     cid, _ = m.start()
     m.add_turn(cid, 0, "small", None, "user")
     m.add_turn(cid, 1, "huge", codes(50), "generated")
@@ -147,7 +152,7 @@ def test_newest_turn_too_big_drops_all_history(gen, store):
 
 def test_exact_fit_and_context_full(gen, store):
     g = small(gen, 64)
-    m = ConversationManager(store, g)
+    m = manager(store, g)
     cid, _ = m.start()
     m.add_turn(cid, 0, "abc", None, "user")  # 1 + 6 + 1 = 8 rows
     target = rows_of(g, "hello", 1)          # 1 + 8 + 1 = 10 rows
@@ -161,7 +166,7 @@ def test_exact_fit_and_context_full(gen, store):
 
 
 def test_bad_arguments(gen, store):
-    m = ConversationManager(store, gen)
+    m = manager(store, gen)
     cid, _ = m.start()
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_frames"):
@@ -170,20 +175,22 @@ def test_bad_arguments(gen, store):
         m.build_prompt(cid, " ", 0, max_frames=5)
     with pytest.raises(UnknownConversation):
         m.build_prompt("nope", "x", 0, max_frames=5)
-    with pytest.raises(ValueError, match="max_turns"):
-        ConversationManager(store, gen, max_turns=-1)
+    with pytest.raises(ValueError, match="max_context_turns"):
+        manager(store, gen, max_turns=-1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        ConversationManager(store, gen.prompt_format(), 0)
 
 
 def test_resume_existing_conversation(gen, tmp_path):
     path = tmp_path / "conv.db"
     s = SQLiteStore(path)
-    m = ConversationManager(s, gen)
+    m = manager(s, gen)
     cid, resumed = m.start()
     m.add_turn(cid, 0, "Before the restart.", codes(3), "generated")
     first = m.build_prompt(cid, "And after.", 1, max_frames=20)
     s.close()
     s = SQLiteStore(path)
-    m = ConversationManager(s, gen)
+    m = manager(s, gen)
     assert m.start(cid) == (cid, True)
     (t,) = m.history(cid)
     assert (t.index, t.text, t.frames, t.source) == (0, "Before the restart.", 3, "generated")
@@ -197,7 +204,7 @@ def test_resume_existing_conversation(gen, tmp_path):
 
 
 def test_row_cache_is_bounded_and_consistent(gen, store):
-    m = ConversationManager(store, gen, cache_size=2)
+    m = manager(store, gen, cache_size=2)
     cid, _ = m.start()
     for i in range(4):
         m.add_turn(cid, 0, f"turn number {i}", None, "user")

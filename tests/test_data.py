@@ -14,7 +14,7 @@ import soundfile as sf
 
 from csm_jax.audio.processor import load_audio
 from csm_jax.codec.codec import MimiCodec
-from csm_jax.csm.prompt import code_rows, text_rows
+from csm_jax.csm.prompt import PromptFormat, code_rows
 from csm_jax.data import (Dataset, DatasetError, Loader, ManifestError, PrepareError, bucket_frames,
                           make_espeak_corpus, prepare, read_manifest, split)
 from csm_jax.default_model import byte_tokenizer, default_mimi_config
@@ -35,14 +35,14 @@ def codec():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
+def fmt():
+    return PromptFormat(byte_tokenizer(), K, VOCAB)
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, corpus, codec, tok):
+def prepared(tmp_path_factory, corpus, codec, fmt):
     out = tmp_path_factory.mktemp("prepared")
-    summary = prepare(corpus, out, codec, tok, K, shard_size=SHARD_SIZE, batch_seconds=BATCH_SECONDS, progress=False)
+    summary = prepare(corpus, out, codec, fmt, K, shard_size=SHARD_SIZE, batch_seconds=BATCH_SECONDS, progress=False)
     return out, summary
 
 
@@ -57,8 +57,8 @@ def _copy(prepared, tmp_path):
     return dst
 
 
-def _prep(manifest, out, codec, tok, **kw):
-    return prepare(manifest, out, codec, tok, K, shard_size=SHARD_SIZE, batch_seconds=BATCH_SECONDS,
+def _prep(manifest, out, codec, fmt, **kw):
+    return prepare(manifest, out, codec, fmt, K, shard_size=SHARD_SIZE, batch_seconds=BATCH_SECONDS,
                    progress=False, **kw)
 
 
@@ -87,7 +87,7 @@ def test_prepared_layout_index_and_summary(prepared, dataset, corpus):
         assert (e.samples, e.frames, e.shard) == (samples[i], frames[i], i // SHARD_SIZE)
         assert e.extra == dict(u.extra)
         assert dataset.codes(i).shape == (frames[i], K) and dataset.codes(i).dtype == np.int16
-        expected_ids = text_rows(byte_tokenizer(), u.text, u.speaker, K)[0][:, K]
+        expected_ids = PromptFormat(byte_tokenizer(), K, VOCAB).text_ids(u.text, u.speaker)
         np.testing.assert_array_equal(dataset.text_ids(i), expected_ids)
     loaded = Dataset.open(out, mmap=False)
     assert isinstance(dataset.codes(0), np.memmap) and not isinstance(loaded.codes(0), np.memmap)
@@ -119,7 +119,7 @@ def test_batched_codes_equal_one_by_one_encode(dataset, codec):
     np.testing.assert_array_equal(raw[:-1], dataset.codes(most_padded)[:-1])
 
 
-def test_resume_after_interruption_and_lost_shard(prepared, corpus, codec, tok, tmp_path, monkeypatch):
+def test_resume_after_interruption_and_lost_shard(prepared, corpus, codec, fmt, tmp_path, monkeypatch):
     reference = {p.name: p.read_bytes() for p in prepared[0].glob("shard-*.npz")}
     loaded = []
     real_load = prepare_mod._load
@@ -134,7 +134,7 @@ def test_resume_after_interruption_and_lost_shard(prepared, corpus, codec, tok, 
     out = tmp_path / "p"
     monkeypatch.setattr(prepare_mod, "_encode_shard", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
-        _prep(corpus, out, codec, tok)
+        _prep(corpus, out, codec, fmt)
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "shard-00000.npz"]
     assert not json.loads((out / "dataset.json").read_text())["complete"]
     with pytest.raises(DatasetError, match="incomplete"):
@@ -143,7 +143,7 @@ def test_resume_after_interruption_and_lost_shard(prepared, corpus, codec, tok, 
 
     monkeypatch.setattr(prepare_mod, "_encode_shard", real_encode)
     loaded.clear()
-    summary = _prep(corpus, out, codec, tok)
+    summary = _prep(corpus, out, codec, fmt)
     assert len(loaded) == 12 and ("c0000", 0) not in loaded  # shard 0 was not redone
     assert summary == prepared[1]
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.npz")} == reference
@@ -152,44 +152,44 @@ def test_resume_after_interruption_and_lost_shard(prepared, corpus, codec, tok, 
 
     (out / "shard-00001.npz").unlink()  # lost shard: only it is redone
     loaded.clear()
-    _prep(corpus, out, codec, tok)
+    _prep(corpus, out, codec, fmt)
     assert sorted(loaded) == sorted(u.key for u in read_manifest(corpus)[8:16])
     assert (out / "shard-00001.npz").read_bytes() == reference["shard-00001.npz"]
 
     loaded.clear()
-    _prep(corpus, out, codec, tok)  # complete: nothing to do
+    _prep(corpus, out, codec, fmt)  # complete: nothing to do
     assert loaded == []
-    _prep(corpus, out, codec, tok, force=True)  # force: everything again
+    _prep(corpus, out, codec, fmt, force=True)  # force: everything again
     assert len(loaded) == 20
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.npz")} == reference
 
 
-def test_out_dir_prepared_with_another_config(prepared, corpus, codec, tok, tmp_path):
+def test_out_dir_prepared_with_another_config(prepared, corpus, codec, fmt, tmp_path):
     out = _copy(prepared, tmp_path)
     with pytest.raises(PrepareError, match=r"different num_codebooks 8 \(now 4\)"):
-        prepare(corpus, out, codec, tok, 4, shard_size=SHARD_SIZE, progress=False)
+        prepare(corpus, out, codec, fmt, 4, shard_size=SHARD_SIZE, progress=False)
     other_weights = MimiCodec(
         {**codec.params, "downsample": {"kernel": codec.params["downsample"]["kernel"] * 1.01}}, codec.config)
     with pytest.raises(PrepareError, match="different codec weights"):
-        _prep(corpus, out, other_weights, tok)
+        _prep(corpus, out, other_weights, fmt)
     other_config = MimiCodec(codec.params, codec.config.replace(sliding_window=100))
     with pytest.raises(PrepareError, match="different codec config"):
-        _prep(corpus, out, other_config, tok)
+        _prep(corpus, out, other_config, fmt)
     other_tok = byte_tokenizer()
     other_tok.add_special_tokens(["<|extra|>"])
     with pytest.raises(PrepareError, match="tokenizer"):
-        _prep(corpus, out, codec, other_tok)
+        _prep(corpus, out, codec, PromptFormat(other_tok, K, VOCAB))
     with pytest.raises(PrepareError, match="shard_size 8 \\(now 4\\)"):
-        prepare(corpus, out, codec, tok, K, shard_size=4, progress=False)
+        prepare(corpus, out, codec, fmt, K, shard_size=4, progress=False)
     assert Dataset.open(out).entries == Dataset.open(prepared[0]).entries  # untouched by the refusals
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "shard-00000.npz").write_bytes(b"")
     with pytest.raises(PrepareError, match="no dataset.json"):
-        _prep(corpus, foreign, codec, tok)
+        _prep(corpus, foreign, codec, fmt)
 
 
-def test_unreadable_audio_and_bad_manifests(corpus, codec, tok, tmp_path):
+def test_unreadable_audio_and_bad_manifests(corpus, codec, fmt, tmp_path):
     records = [json.loads(line) for line in corpus.read_text().splitlines()[:2]]
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF not really a wav file")
@@ -198,16 +198,16 @@ def test_unreadable_audio_and_bad_manifests(corpus, codec, tok, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(PrepareError, match=r"m\.jsonl:2: cannot read audio .*broken\.wav"):
-        _prep(manifest, tmp_path / "out", codec, tok)
+        _prep(manifest, tmp_path / "out", codec, fmt)
     manifest.write_text("\n")
     with pytest.raises(ManifestError, match="empty corpus"):
-        _prep(manifest, tmp_path / "out2", codec, tok)
+        _prep(manifest, tmp_path / "out2", codec, fmt)
     with pytest.raises(ManifestError, match="manifest not found"):
-        _prep(tmp_path / "missing.jsonl", tmp_path / "out3", codec, tok)
+        _prep(tmp_path / "missing.jsonl", tmp_path / "out3", codec, fmt)
     with pytest.raises(PrepareError, match="num_codebooks"):
-        prepare(corpus, tmp_path / "out4", codec, tok, 9, progress=False)
+        prepare(corpus, tmp_path / "out4", codec, fmt, 9, progress=False)
     with pytest.raises(PrepareError, match="audio_vocab_size"):
-        _prep(corpus, tmp_path / "out5", codec, tok, audio_vocab_size=1000)
+        _prep(corpus, tmp_path / "out5", codec, fmt, audio_vocab_size=1000)
 
 
 def test_bucket_ladder():
@@ -216,18 +216,18 @@ def test_bucket_ladder():
 
 
 # loader --------------------------------------------------------------------------------------------------------
-def _turn(dataset, tok, i, k=K):
+def _turn(dataset, fmt, i, k=K):
     e = dataset[i]
-    t_tok, t_mask = text_rows(tok, e.text, e.speaker, k)
+    t_tok, t_mask = PromptFormat(fmt.tokenizer, k, VOCAB).text_rows(e.text, e.speaker)
     c_tok, c_mask = code_rows(dataset.codes(i).astype(np.int32)[:, :k], k, VOCAB)
     return t_tok, t_mask, c_tok, c_mask
 
 
-def _expected(dataset, tok, target, max_rows, context_turns, k=K):
+def _expected(dataset, fmt, target, max_rows, context_turns, k=K):
     """The prompt for `target` built independently: most recent whole previous turns that fit, then the target."""
     conv = sorted((i for i, e in enumerate(dataset.entries) if e.conversation == dataset[target].conversation),
                   key=lambda i: dataset[i].turn)
-    rows = lambda i: sum(len(x) for x in _turn(dataset, tok, i, k)[::2])  # noqa: E731
+    rows = lambda i: sum(len(x) for x in _turn(dataset, fmt, i, k)[::2])  # noqa: E731
     budget = max_rows - rows(target)
     context = []
     for i in reversed(conv[:conv.index(target)][-context_turns:] if context_turns else []):
@@ -237,7 +237,7 @@ def _expected(dataset, tok, target, max_rows, context_turns, k=K):
         context.insert(0, i)
     toks, masks, targets = [], [], []
     for i in context + [target]:
-        t_tok, t_mask, c_tok, c_mask = _turn(dataset, tok, i, k)
+        t_tok, t_mask, c_tok, c_mask = _turn(dataset, fmt, i, k)
         toks += [t_tok, c_tok]
         masks += [t_mask, c_mask]
         targets += [np.zeros(len(t_tok), bool), np.full(len(c_tok), i == target)]
@@ -257,9 +257,9 @@ def _assert_batches_equal(a, b):
 
 
 @pytest.mark.parametrize("k", [K, 4])
-def test_batches_are_csm_prompts(dataset, tok, k):
+def test_batches_are_csm_prompts(dataset, fmt, k):
     max_rows = 200
-    loader = Loader(dataset, tok, k, VOCAB, batch_size=3, max_rows=max_rows, context_turns=3, seed=5)
+    loader = Loader(dataset, PromptFormat(fmt.tokenizer, k, VOCAB, None, 3), batch_size=3, max_rows=max_rows, seed=5)
     seen, truncated = set(), 0
     for batch in loader:
         b, s, width = batch["tokens"].shape
@@ -274,7 +274,7 @@ def test_batches_are_csm_prompts(dataset, tok, k):
                 assert uid == -1 and not batch["mask"][r].any() and not batch["targets"][r].any()
                 continue
             target = next(i for i, e in enumerate(dataset.entries) if e.id == uid)
-            tokens, mask, targets, context = _expected(dataset, tok, target, max_rows, 3, k)
+            tokens, mask, targets, context = _expected(dataset, fmt, target, max_rows, 3, k)
             assert n == len(tokens) <= max_rows
             np.testing.assert_array_equal(batch["tokens"][r, :n], tokens)
             np.testing.assert_array_equal(batch["mask"][r, :n], mask)
@@ -291,38 +291,38 @@ def test_batches_are_csm_prompts(dataset, tok, k):
     assert truncated > 0  # max_rows really limited some contexts
 
 
-def test_context_limits(dataset, tok):
-    full = Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=2048, context_turns=16, shuffle=False)
+def test_context_limits(dataset, fmt):
+    full = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB, None, 16), batch_size=2, max_rows=2048, shuffle=False)
     for ex in full.examples:  # everything fits: the context is every earlier turn of the conversation
         e = dataset[ex.target]
         assert [dataset[i].turn for i in ex.context] == list(range(e.turn))
         assert all(dataset[i].conversation == e.conversation for i in ex.context)
-    one = Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=2048, context_turns=1, shuffle=False)
+    one = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB, None, 1), batch_size=2, max_rows=2048, shuffle=False)
     assert all(len(ex.context) == min(1, dataset[ex.target].turn) for ex in one.examples)
-    none = Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=2048, context_turns=0, shuffle=False)
+    none = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB, None, 0), batch_size=2, max_rows=2048, shuffle=False)
     assert all(ex.context == () for ex in none.examples)
-    for ex in Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=150, shuffle=False).examples:
+    for ex in Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=2, max_rows=150, shuffle=False).examples:
         assert ex.length <= 150
         e = dataset[ex.target]
         if ex.context:  # contiguous, ending right before the target
             assert [dataset[i].turn for i in ex.context] == list(range(e.turn - len(ex.context), e.turn))
 
 
-def test_too_long_targets_are_skipped(dataset, tok):
+def test_too_long_targets_are_skipped(dataset, fmt):
     own = {e.id: e.text_len + e.frames + 1 for e in dataset.entries}
     limit = sorted(own.values())[len(own) // 2]
     with pytest.warns(UserWarning, match="longer than max_rows"):
-        loader = Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=limit, buckets=(limit,))
+        loader = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=2, max_rows=limit, buckets=(limit,))
     assert sorted(loader.skipped) == sorted(i for i, n in own.items() if n > limit)
     assert {dataset[ex.target].id for ex in loader.examples} == {i for i, n in own.items() if n <= limit}
     for batch in loader:
         assert batch["tokens"].shape[1] == limit
     with pytest.raises(ValueError, match="no utterance fits"), pytest.warns(UserWarning):
-        Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=10)
+        Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=2, max_rows=10)
 
 
-def test_buckets_and_length_grouping(dataset, tok):
-    loader = Loader(dataset, tok, K, VOCAB, batch_size=4, max_rows=400, buckets=(64, 96, 128, 192, 256, 400),
+def test_buckets_and_length_grouping(dataset, fmt):
+    loader = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=4, max_rows=400, buckets=(64, 96, 128, 192, 256, 400),
                     group_batches=100, seed=1)
     lengths = []
     for batch in loader:
@@ -335,21 +335,21 @@ def test_buckets_and_length_grouping(dataset, tok):
     for a, b in zip(lengths, lengths[1:]):
         assert a[-1] <= b[0]
     with pytest.raises(ValueError, match="buckets"):
-        Loader(dataset, tok, K, VOCAB, batch_size=4, max_rows=400, buckets=(64, 128))
+        Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=4, max_rows=400, buckets=(64, 128))
 
 
-def test_drop_last_and_padding_examples(dataset, tok):
-    loader = Loader(dataset, tok, K, VOCAB, batch_size=3, max_rows=2048, drop_last=True)
+def test_drop_last_and_padding_examples(dataset, fmt):
+    loader = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=3, max_rows=2048, drop_last=True)
     batches = list(loader)
     assert len(batches) == len(loader) == 20 // 3 and all((b["lengths"] > 0).all() for b in batches)
-    padded = list(Loader(dataset, tok, K, VOCAB, batch_size=3, max_rows=2048))
+    padded = list(Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=3, max_rows=2048))
     assert len(padded) == 7 and sum((b["lengths"] > 0).sum() for b in padded) == 20
     assert sum((b["ids"] == -1).sum() for b in padded) == 1
 
 
-def test_deterministic_and_reshuffled_each_epoch(dataset, tok):
+def test_deterministic_and_reshuffled_each_epoch(dataset, fmt):
     def make(seed):
-        return Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=300, seed=seed, group_batches=2)
+        return Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=2, max_rows=300, seed=seed, group_batches=2)
 
     a, b = make(7), make(7)
     n = len(a)
@@ -359,22 +359,22 @@ def test_deterministic_and_reshuffled_each_epoch(dataset, tok):
     assert ids(run_a[:n]) != ids(run_a[n:])  # epoch 1 is reshuffled
     assert sorted(sum(ids(run_a[:n]), ())) == sorted(sum(ids(run_a[n:]), ()))
     assert ids(_all_batches(make(8), n)) != ids(run_a[:n])
-    ordered = Loader(dataset, tok, K, VOCAB, batch_size=2, max_rows=300, shuffle=False, group_batches=2)
+    ordered = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), batch_size=2, max_rows=300, shuffle=False, group_batches=2)
     assert ids(list(ordered)) == ids(list(ordered))  # unshuffled epochs repeat
 
 
-def test_exact_resume_mid_epoch_and_across_epochs(dataset, tok):
+def test_exact_resume_mid_epoch_and_across_epochs(dataset, fmt):
     kw = dict(batch_size=3, max_rows=300, seed=11, group_batches=2)
-    reference = _all_batches(Loader(dataset, tok, K, VOCAB, **kw), 21)  # 7 batches an epoch: 3 epochs
+    reference = _all_batches(Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), **kw), 21)  # 7 batches an epoch: 3 epochs
     for stop in (0, 4, 7, 10, 15):
-        first = Loader(dataset, tok, K, VOCAB, **kw)
+        first = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), **kw)
         head = _all_batches(first, stop)
         state = json.loads(json.dumps(first.state()))
         assert state["seed"] == 11 and (state["epoch"], state["batch"]) == divmod(stop, 7)
-        resumed = Loader(dataset, tok, K, VOCAB, **kw, state=state)
+        resumed = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), **kw, state=state)
         _assert_batches_equal(head + _all_batches(resumed, 21 - stop), reference)
     # iterating whole epochs with `for`, interrupted and restored with restore()
-    loader = Loader(dataset, tok, K, VOCAB, **kw)
+    loader = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), **kw)
     epoch0 = list(loader)
     partial = []
     for i, batch in enumerate(loader):
@@ -383,18 +383,18 @@ def test_exact_resume_mid_epoch_and_across_epochs(dataset, tok):
             break
     state = loader.state()
     assert (state["epoch"], state["batch"]) == (1, 3)
-    other = Loader(dataset, tok, K, VOCAB, **{**kw, "seed": 0})
+    other = Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), **{**kw, "seed": 0})
     other.restore(state)  # adopts the state's seed
     rest = list(other)
     assert len(epoch0) == 7 and len(rest) == 4
     _assert_batches_equal(epoch0 + partial + rest + list(other), reference)
     with pytest.raises(ValueError, match="other examples or with other batching"):
-        Loader(dataset, tok, K, VOCAB, **{**kw, "batch_size": 2}, state=state)
+        Loader(dataset, PromptFormat(fmt.tokenizer, K, VOCAB), **{**kw, "batch_size": 2}, state=state)
     with pytest.raises(ValueError, match="not a loader state"):
         loader.restore({"epoch": 0})
 
 
-def test_split_by_conversation(dataset, tok):
+def test_split_by_conversation(dataset, fmt):
     train, held = split(dataset, eval_fraction=0.4, seed=3)
     assert len(held.conversations) == 2 and len(train.conversations) == 3
     assert set(train.conversations).isdisjoint(held.conversations)
@@ -410,7 +410,7 @@ def test_split_by_conversation(dataset, tok):
     assert set(split(dataset, eval_conversations=1, seed=0)[1].conversations).issubset(dataset.conversations)
     t, h = split(dataset, eval_conversations=["c0001"])
     assert set(h.conversations) == {"c0001"} and "c0001" not in t.conversations
-    loader = Loader(held, tok, K, VOCAB, batch_size=2, max_rows=2048, shuffle=False)
+    loader = Loader(held, fmt, batch_size=2, max_rows=2048, shuffle=False)
     batches = list(loader)
     assert {int(i) for b in batches for i in b["ids"] if i >= 0} == {e.id for e in held.entries}
     for ex in loader.examples:  # context comes from the same held-out conversation
@@ -422,16 +422,17 @@ def test_split_by_conversation(dataset, tok):
 
 
 def test_other_tokenizer_retokenises(dataset):
-    other = byte_tokenizer()
-    other.add_special_tokens(["<|extra|>"])  # another fingerprint, so the stored ids are not used
-    loader = Loader(dataset, other, K, VOCAB, batch_size=2, max_rows=2048, shuffle=False)
+    other_tok = byte_tokenizer()
+    other_tok.add_special_tokens(["<|extra|>"])  # another fingerprint, so the stored ids are not used
+    other = PromptFormat(other_tok, K, VOCAB)
+    loader = Loader(dataset, other, batch_size=2, max_rows=2048, shuffle=False)
     tokens, mask, targets = loader.example_rows(0)
     expected = _expected(dataset, other, loader.examples[0].target, 2048, 16)
     np.testing.assert_array_equal(tokens, expected[0])
     np.testing.assert_array_equal(mask, expected[1])
     np.testing.assert_array_equal(targets, expected[2])
     with pytest.raises(ValueError, match="audio_vocab_size"):
-        Loader(dataset, other, K, 1000, batch_size=2)
+        Loader(dataset, PromptFormat(other_tok, K, 1000), batch_size=2)
 
 
 def test_open_errors(tmp_path, prepared):
@@ -447,3 +448,33 @@ def test_corpus_audio_is_resampled_speech(dataset):
     e = dataset[0]
     assert sf.info(e.audio).samplerate == 22050
     assert e.samples == pytest.approx(sf.info(e.audio).frames * 24000 / 22050, abs=2)
+
+
+@pytest.mark.parametrize("max_rows, turns", [(2048, 16), (160, 16), (2048, 1)])
+def test_loader_rows_equal_the_servers_prompt_rows(dataset, fmt, tmp_path, max_rows, turns):
+    """The same conversation stored in the server's history gives the server's ConversationManager prompt exactly
+    the rows the training loader puts before the target's audio (one PromptFormat owns both)."""
+    from csm_jax.conversation import ConversationManager, SQLiteStore
+
+    fmt = fmt.with_context(turns)
+    loader = Loader(dataset, fmt, batch_size=2, max_rows=max_rows, shuffle=False)
+    store = SQLiteStore(tmp_path / f"history_{max_rows}_{turns}.db")
+    manager = ConversationManager(store, fmt, max_seq_len=max_rows)
+    checked = 0
+    for k, ex in enumerate(loader.examples):
+        target = dataset[ex.target]
+        earlier = [i for i in dataset.conversations[target.conversation] if dataset[i].turn < target.turn]
+        if not earlier:
+            continue
+        cid, _ = manager.start()
+        for i in earlier:
+            manager.add_turn(cid, dataset[i].speaker, dataset[i].text, dataset.codes(i).astype(np.int32), "user")
+        prompt = manager.build_prompt(cid, target.text, target.speaker, max_frames=target.frames + 1)
+        tokens, mask, targets = loader.example_rows(k)
+        assert prompt.context_turns == len(ex.context)
+        np.testing.assert_array_equal(prompt.tokens, tokens[: prompt.rows])
+        np.testing.assert_array_equal(prompt.mask, mask[: prompt.rows])
+        assert not targets[: prompt.rows].any() and targets[prompt.rows:].all()
+        checked += 1
+    assert checked >= 5
+    store.close()

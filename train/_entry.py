@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def run(recipe: Callable[[dict[str, Any]], Any]) -> Callable[[], None]:
-    """A Hydra main (config `configs/train.yaml`) that calls `recipe(resolved config dict)` and prints its result."""
+def run(recipe: Callable[[dict[str, Any]], Any], config_name: str = "train") -> Callable[[], None]:
+    """A Hydra main (config `configs/<config_name>.yaml`) that calls `recipe(resolved config dict)` and prints its
+    result."""
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def main(cfg: DictConfig) -> None:
         logging.getLogger("csm_jax").setLevel(logging.INFO)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter

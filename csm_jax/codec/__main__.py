@@ -4,6 +4,7 @@
     python -m csm_jax.codec decode speech.codes.npz speech.decoded.wav --checkpoint CKPT
     python -m csm_jax.codec roundtrip speech.wav speech.mimi.wav --checkpoint CKPT
     python -m csm_jax.codec convert SRC DST_DIR     # transformers dir / moshi .safetensors -> orbax dir
+    python -m csm_jax.codec export CKPT DST_DIR     # any codec checkpoint -> transformers Mimi dir
 
 CKPT is anything `csm_jax.load_codec` reads, or `random` for seeded random weights (a smoke test of the
 pipeline; the audio is not speech). It defaults to $CSM_JAX_MIMI. A codes file is an `.npz` with
@@ -23,6 +24,7 @@ import soundfile as sf
 from csm_jax.audio import AudioError, load_audio
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
+from csm_jax.codec.export import export_transformers
 
 
 def _codec(args: argparse.Namespace) -> MimiCodec:
@@ -77,12 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert", help="write a converted orbax checkpoint")
     p.add_argument("input", type=Path, help="transformers Mimi dir or moshi .safetensors file")
     p.add_argument("output", type=Path, help="new directory")
+    p = sub.add_parser("export", help="write a transformers Mimi directory (MimiModel.from_pretrained reads it)")
+    p.add_argument("input", type=Path, help="codec checkpoint: anything load_codec reads")
+    p.add_argument("output", type=Path, help="new directory")
     args = parser.parse_args(argv)
     try:
         if not args.output.absolute().parent.is_dir():
             raise ValueError(f"cannot write {args.output}: directory {args.output.absolute().parent} does not exist")
         if args.command == "convert":
             out = load_codec(args.input).save(args.output)
+            print(f"wrote {out}")
+            return 0
+        if args.command == "export":
+            out = export_transformers(load_codec(args.input), args.output)
             print(f"wrote {out}")
             return 0
         codec = _codec(args)

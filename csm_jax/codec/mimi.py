@@ -29,17 +29,23 @@ class Mimi(nn.Module):
         self.decoder = SEANetDecoder(cfg)
 
     # offline ------------------------------------------------------------------------------------------
-    def encode(self, audio: jax.Array, num_codebooks: int) -> jax.Array:
-        """audio float32 [B, N] -> int32 codes [B, K, ceil(N / frame_size)]."""
+    def encode_latent(self, audio: jax.Array) -> jax.Array:
+        """audio float32 [B, N] -> continuous latent [B, ceil(N / frame_size), hidden] (before quantization)."""
         h = self.encoder(audio[..., None])
         h = self.encoder_transformer(h)
-        latent = self.downsample(h.astype(self.cfg.compute_dtype))
-        return jnp.swapaxes(self.quantizer.encode(latent, num_codebooks), 1, 2)
+        return self.downsample(h.astype(self.cfg.compute_dtype))
+
+    def encode(self, audio: jax.Array, num_codebooks: int) -> jax.Array:
+        """audio float32 [B, N] -> int32 codes [B, K, ceil(N / frame_size)]."""
+        return jnp.swapaxes(self.quantizer.encode(self.encode_latent(audio), num_codebooks), 1, 2)
+
+    def latent_features(self, latent: jax.Array) -> jax.Array:
+        """Quantized latent [B, T, hidden] -> features float32 [B, latent_stride * T, hidden]."""
+        return self.decoder_transformer(self.upsample(latent.astype(self.cfg.compute_dtype)))
 
     def decode_features(self, codes: jax.Array) -> jax.Array:
         """RVQ decoder: codes int32 [B, K, T] -> features float32 [B, latent_stride * T, hidden]."""
-        latent = self.quantizer.decode(jnp.swapaxes(codes, 1, 2))
-        return self.decoder_transformer(self.upsample(latent.astype(self.cfg.compute_dtype)))
+        return self.latent_features(self.quantizer.decode(jnp.swapaxes(codes, 1, 2)))
 
     def vocode(self, features: jax.Array) -> jax.Array:
         """Vocoder: features [B, T', hidden] -> waveform float32 [B, T' * hop_length]."""

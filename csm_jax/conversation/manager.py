@@ -1,6 +1,6 @@
 """Conversation manager: persistent history -> CSM prompts that fit the model's context.
 
-    manager = ConversationManager(open_store("sqlite:///conv.db"), generator, max_turns=16)
+    manager = ConversationManager(open_store("sqlite:///conv.db"), generator.prompt_format(), max_seq_len=2048)
     cid, resumed = manager.start()                                   # or manager.start(existing_id)
     manager.add_turn(cid, speaker=1, text="Hi!", codes=user_codes, source="user")
     prompt = manager.build_prompt(cid, "Hello there.", speaker=0, max_frames=125)
@@ -12,16 +12,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from csm_jax.conversation.store import Store, Turn, UnknownConversation
-
-if TYPE_CHECKING:
-    from csm_jax.csm.generator import Generator
-
-Rows = tuple[np.ndarray, np.ndarray]  # tokens int32 [S, K+1], mask bool [S, K+1]
+from csm_jax.csm.prompt import PromptFormat
 
 
 class ContextFull(ValueError):
@@ -40,18 +34,19 @@ class Prompt:
 
 
 class ConversationManager:
-    """Conversations over a Store, and prompts for a Generator: the most recent whole turns that fit the context
-    (at most `max_turns`), then the target text. Tokenised turn text is cached per turn_id (LRU, `cache_size`
-    turns); turns are immutable, so the cache never goes stale. Safe to use from several threads."""
+    """Conversations over a Store, and prompts in the model's `PromptFormat`: the most recent whole turns that fit
+    the `max_seq_len`-row context (at most `fmt.max_context_turns`), then the target text. Turn text ids are
+    cached per turn_id (LRU, `cache_size` turns); turns are immutable, so the cache never goes stale. Safe to use
+    from several threads."""
 
-    def __init__(self, store: Store, generator: Generator, max_turns: int = 16, cache_size: int = 4096):
-        if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 0:
-            raise ValueError(f"max_turns must be a non-negative int, got {max_turns!r}")
+    def __init__(self, store: Store, fmt: PromptFormat, max_seq_len: int, cache_size: int = 4096):
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
-        self.store, self.generator, self.max_turns = store, generator, max_turns
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        self.store, self.format, self.max_seq_len = store, fmt, max_seq_len
         self._cache_size = cache_size
-        self._text_cache: OrderedDict[int, Rows | None] = OrderedDict()
+        self._text_cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._lock = threading.Lock()
 
     def start(self, conversation_id: str | None = None) -> tuple[str, bool]:
@@ -71,56 +66,37 @@ class ConversationManager:
         """Stored turns, oldest first; `limit`: only the most recent N."""
         return self.store.turns(conversation_id, limit)
 
-    def _text_rows(self, turn: Turn) -> Rows | None:
-        """The turn's text rows (None when it has no transcript), cached per turn_id."""
+    def _text_ids(self, turn: Turn) -> np.ndarray | None:
+        """The turn's text ids (None when it has no transcript), cached per turn_id."""
         with self._lock:
             if turn.turn_id in self._text_cache:
                 self._text_cache.move_to_end(turn.turn_id)
                 return self._text_cache[turn.turn_id]
-        rows = self.generator.text_rows(turn.text, turn.speaker) if turn.text.strip() else None
+        ids = self.format.text_ids(turn.text, turn.speaker) if turn.text.strip() else None
         with self._lock:
-            self._text_cache[turn.turn_id] = rows
+            self._text_cache[turn.turn_id] = ids
             while len(self._text_cache) > self._cache_size:
                 self._text_cache.popitem(last=False)
-        return rows
+        return ids
 
-    def _num_rows(self, turn: Turn) -> int:
-        text = self._text_rows(turn)
-        return (0 if text is None else len(text[0])) + (0 if turn.codes is None else turn.frames + 1)
-
-    def turn_rows(self, turn: Turn) -> Rows:
-        """A turn as a context segment, as Generator.prompt builds one: its text rows (when the text is not
-        blank), then its audio rows (codes plus an EOS frame, when it has codes) -> tokens int32 [S, K+1], mask
-        bool [S, K+1]."""
-        text = self._text_rows(turn)
-        parts = [] if text is None else [text]
-        if turn.codes is not None:
-            parts.append(self.generator.code_rows(turn.codes))
-        if not parts:
+    def turn_rows(self, turn: Turn) -> tuple[np.ndarray, np.ndarray]:
+        """A turn as a context segment (`PromptFormat.turn_rows`) -> tokens int32 [S, K+1], mask bool [S, K+1]."""
+        if self._text_ids(turn) is None and turn.codes is None:
             raise ValueError(f"turn {turn.turn_id} has neither text nor codes")
-        return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts])
+        return self.format.turn_rows(self._text_ids(turn), turn.codes)
 
     def build_prompt(self, conversation_id: str, text: str, speaker: int, max_frames: int) -> Prompt:
-        """History + the target `[speaker]text` rows, leaving room for `max_frames` generated frames.
-
-        History is the most recent whole turns, contiguous back from the newest, at most `max_turns`; it stops
-        at the first turn that does not fit. Raises ContextFull when the target alone does not fit."""
+        """History + the target `[speaker]text` rows, leaving room for `max_frames` generated frames (the context
+        rule of `PromptFormat.select_context`). Raises ContextFull when the target alone does not fit."""
         if isinstance(max_frames, bool) or not isinstance(max_frames, int | np.integer) or max_frames < 1:
             raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
-        target = self.generator.text_rows(text, speaker)
-        max_len = self.generator.cfg.backbone.max_seq_len
-        budget = max_len - int(max_frames) - len(target[0])
+        target = self.format.text_rows(text, speaker)
+        budget = self.max_seq_len - int(max_frames) - len(target[0])
         if budget < 0:
             raise ContextFull(f"target text ({len(target[0])} rows) + max_frames ({max_frames}) exceed the "
-                              f"{max_len}-position context by {-budget}")
-        context: list[Turn] = []
-        for turn in reversed(self.history(conversation_id, self.max_turns)):
-            n = self._num_rows(turn)
-            if n > budget:
-                break
-            budget -= n
-            context.append(turn)
-        parts = [self.turn_rows(t) for t in reversed(context)] + [target]
-        tokens = np.concatenate([t for t, _ in parts])
-        mask = np.concatenate([m for _, m in parts])
-        return Prompt(tokens, mask, len(context), len(tokens))
+                              f"{self.max_seq_len}-position context by {-budget}")
+        history = self.history(conversation_id, self.format.max_context_turns) if self.format.max_context_turns \
+            else []
+        (tokens, mask), kept = self.format.conversation_rows([(self._text_ids(t), t.codes) for t in history],
+                                                             self.format.text_ids(text, speaker), budget)
+        return Prompt(tokens, mask, kept, len(tokens))

@@ -25,9 +25,9 @@ from csm_jax import sharding
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.csm.config import CsmConfig
-from csm_jax.csm import prompt as prompt_rows
 from csm_jax.csm.engine import Engine
-from csm_jax.csm.prompt import Rows
+from csm_jax.csm.frontend import TextFrontend
+from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat
 from csm_jax.csm.weights import load_csm_params
 
 FRAME_MS = 80
@@ -47,8 +47,10 @@ class Generator:
 
     def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
                  tokenizer: Tokenizer | None = None, num_codebooks: int | None = None, mesh: Mesh | None = None,
-                 rules: sharding.Rules = sharding.DEFAULT_RULES):
+                 rules: sharding.Rules = sharding.DEFAULT_RULES, frontend: str | TextFrontend | None = None):
         self.cfg, self.codec, self.tokenizer = cfg, codec, tokenizer
+        self.format = None if tokenizer is None else PromptFormat(tokenizer, cfg.num_codebooks, cfg.audio_vocab_size,
+                                                                   frontend)
         self.mesh, self.rules = mesh, rules
         self.params = params if mesh is not None else jax.device_put(params)  # one device copy for all engines
         self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
@@ -63,11 +65,15 @@ class Generator:
         return self._engines[batch_size]
 
     # prompts ---------------------------------------------------------------------------------------------
+    def prompt_format(self) -> PromptFormat:
+        """The model's conversation format (tokenizer, text front end, codebooks)."""
+        if self.format is None:
+            raise ValueError("this checkpoint has no tokenizer.json; use generate_codes with token ids instead")
+        return self.format
+
     def text_rows(self, text: str, speaker: int) -> Rows:
         """`[speaker]text` with BOS/EOS -> tokens int32 [S, K+1] (text in column K), mask bool [S, K+1]."""
-        if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.json; use generate_codes with token ids instead")
-        return prompt_rows.text_rows(self.tokenizer, text, speaker, self.cfg.num_codebooks)
+        return self.prompt_format().text_rows(text, speaker)
 
     def audio_rows(self, audio: np.ndarray) -> Rows:
         """Mono 24 kHz audio -> its Mimi codes plus one all-zero EOS frame, as audio rows."""
@@ -80,19 +86,20 @@ class Generator:
 
     def code_rows(self, codes: np.ndarray) -> Rows:
         """Audio codes int [T, K'] (K' <= K) plus one all-zero end frame -> audio rows [T+1, K+1]."""
-        return prompt_rows.code_rows(codes, self.cfg.num_codebooks, self.cfg.audio_vocab_size)
+        return code_rows(codes, self.cfg.num_codebooks, self.cfg.audio_vocab_size)
 
     def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Context segments (text rows, then audio rows) followed by the target text rows."""
+        """Context segments (each its text rows, then its audio rows) followed by the target text rows."""
+        fmt = self.prompt_format()
         parts = []
         for seg in context:
             if not isinstance(seg, Segment):
                 raise TypeError(f"context items must be csm_jax.Segment, got {type(seg).__name__}")
-            parts.append(self.text_rows(seg.text, seg.speaker))
+            parts.append(fmt.turn_rows(fmt.text_ids(seg.text, seg.speaker), None))
             if seg.audio is not None:
                 parts.append(self.audio_rows(seg.audio))
-        parts.append(self.text_rows(text, speaker))
-        return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts])
+        parts.append(fmt.text_rows(text, speaker))
+        return concat(parts)
 
     # codes ---------------------------------------------------------------------------------------------
     def _check(self, tokens: Any, mask: Any, max_frames: int, temperature: float, top_k: int, seed: int

@@ -1,39 +1,122 @@
-"""CSM prompt rows: text turns and audio frames as rows of K+1 columns (K audio codebooks, then text).
+"""The CSM conversation format, in one place: how turns become prompt rows, and which turns fit as context.
 
-A text turn is `<|begin_of_text|>[speaker]text<|end_of_text|>`, one token per row in column K; an audio turn is
-one row per Mimi frame in columns 0..K-1 followed by an all-zero end frame. Masks mark the filled columns.
-Used by the generator, the conversation manager and the training data loader alike.
+Rows have K+1 columns: K audio codebooks, then text. A text turn is `<|begin_of_text|>[speaker]text<|end_of_text|>`
+(after the model's text front end, e.g. phonemes), one token per row in column K; an audio turn is one row per
+Mimi frame in columns 0..K-1 followed by an all-zero end frame. Masks mark the filled columns. A context turn is
+its text rows, then its audio rows (when it has audio). Context is the most recent whole turns, contiguous back
+from the target, at most `max_context_turns`, that fit the row budget; it stops at the first turn that does not.
+
+The generator, the conversation manager (server), the training data loader and evaluation all build prompts
+with a `PromptFormat`, so a model is served exactly as it was trained.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
 from tokenizers import Tokenizer
+
+from csm_jax.csm.frontend import TextFrontend, make_frontend
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 Rows = tuple[np.ndarray, np.ndarray]  # tokens int32 [S, K+1], mask bool [S, K+1]
 
 
-def text_rows(tokenizer: Tokenizer, text: str, speaker: int, num_codebooks: int) -> Rows:
-    """`[speaker]text` with BOS/EOS -> tokens int32 [S, K+1] (text in column K), mask bool [S, K+1]."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("text must be a non-empty string")
-    if isinstance(speaker, bool) or not isinstance(speaker, int | np.integer) or speaker < 0:
-        raise TypeError(f"speaker must be a non-negative int, got {speaker!r}")
-    bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    if bos is None or eos is None:
-        raise ValueError(f"tokenizer lacks {BOS} / {EOS}")
-    ids = [bos, *tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids, eos]
-    k = num_codebooks
-    tokens = np.zeros((len(ids), k + 1), np.int32)
-    mask = np.zeros((len(ids), k + 1), bool)
-    tokens[:, k], mask[:, k] = ids, True
-    return tokens, mask
+class PromptFormat:
+    """tokenizer: with BOS/EOS special tokens; num_codebooks: K; audio_vocab_size: the audio embedding rows;
+    frontend: "text", "espeak:<voice>" or a TextFrontend; max_context_turns: the context turn limit."""
+
+    def __init__(self, tokenizer: Tokenizer, num_codebooks: int, audio_vocab_size: int,
+                 frontend: str | TextFrontend | None = None, max_context_turns: int = 16) -> None:
+        bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+        if bos is None or eos is None:
+            raise ValueError(f"tokenizer lacks {BOS} / {EOS}")
+        if isinstance(max_context_turns, bool) or not isinstance(max_context_turns, int) or max_context_turns < 0:
+            raise ValueError(f"max_context_turns must be a non-negative int, got {max_context_turns!r}")
+        self.tokenizer, self.num_codebooks, self.audio_vocab_size = tokenizer, num_codebooks, audio_vocab_size
+        self.frontend = frontend if callable(frontend) else make_frontend(frontend)
+        self.max_context_turns = max_context_turns
+        self._bos, self._eos = bos, eos
+
+    def with_context(self, max_context_turns: int) -> "PromptFormat":
+        """The same format with another context turn limit."""
+        return PromptFormat(self.tokenizer, self.num_codebooks, self.audio_vocab_size, self.frontend,
+                            max_context_turns)
+
+    def fingerprint(self) -> str:
+        """Identifies the text ids this format produces: the tokenizer's JSON and the front end."""
+        h = hashlib.sha256(self.tokenizer.to_str().encode())
+        h.update(self.frontend.name.encode())
+        return h.hexdigest()
+
+    # rows ----------------------------------------------------------------------------------------------------
+    def text_ids(self, text: str, speaker: int) -> np.ndarray:
+        """`[speaker]` + front end(text), with BOS/EOS -> int32 [n]."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        if isinstance(speaker, bool) or not isinstance(speaker, int | np.integer) or speaker < 0:
+            raise TypeError(f"speaker must be a non-negative int, got {speaker!r}")
+        body = self.tokenizer.encode(f"[{speaker}]{self.frontend(text)}", add_special_tokens=False).ids
+        return np.array([self._bos, *body, self._eos], np.int32)
+
+    def id_rows(self, ids: np.ndarray) -> Rows:
+        """Text ids int [n] -> rows with the ids in column K."""
+        k = self.num_codebooks
+        tokens = np.zeros((len(ids), k + 1), np.int32)
+        mask = np.zeros((len(ids), k + 1), bool)
+        tokens[:, k], mask[:, k] = ids, True
+        return tokens, mask
+
+    def text_rows(self, text: str, speaker: int) -> Rows:
+        return self.id_rows(self.text_ids(text, speaker))
+
+    def code_rows(self, codes: np.ndarray) -> Rows:
+        return code_rows(codes, self.num_codebooks, self.audio_vocab_size)
+
+    def turn_rows(self, ids: np.ndarray | None, codes: np.ndarray | None) -> Rows:
+        """A context turn: its text rows (ids; None when it has no transcript), then its audio rows (None: none)."""
+        parts = ([] if ids is None else [self.id_rows(ids)]) + ([] if codes is None else [self.code_rows(codes)])
+        if not parts:
+            raise ValueError("a turn needs text or audio")
+        return concat(parts)
+
+    @staticmethod
+    def turn_length(num_ids: int, frames: int | None) -> int:
+        """Rows of a turn with `num_ids` text ids (0: none) and `frames` audio frames (None: no audio)."""
+        return num_ids + (0 if frames is None else frames + 1)
+
+    # context -------------------------------------------------------------------------------------------------
+    def select_context(self, lengths: Sequence[int], budget: int) -> int:
+        """`lengths`: rows of the earlier turns, oldest first -> how many of the most recent to keep as context."""
+        kept = 0
+        lengths = list(lengths)
+        for n in reversed(lengths[max(0, len(lengths) - self.max_context_turns):]):
+            if n > budget:
+                break
+            budget -= n
+            kept += 1
+        return kept
+
+    def conversation_rows(self, history: Sequence[tuple[np.ndarray | None, np.ndarray | None]],
+                          target_ids: np.ndarray, budget: int) -> tuple[Rows, int]:
+        """history: earlier turns as (text ids or None, codes int [T, K'] or None), oldest first; budget: rows
+        the context may use -> (context rows then the target's text rows, number of context turns kept)."""
+        lengths = [self.turn_length(0 if ids is None else len(ids), None if codes is None else len(codes))
+                   for ids, codes in history]
+        kept = self.select_context(lengths, budget)
+        parts = [self.turn_rows(ids, codes) for ids, codes in history[len(history) - kept:]]
+        return concat([*parts, self.id_rows(target_ids)]), kept
+
+
+def concat(parts: Sequence[Rows]) -> Rows:
+    return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts])
 
 
 def code_rows(codes: np.ndarray, num_codebooks: int, audio_vocab_size: int) -> Rows:
-    """Audio codes int [T, K'] (K' <= K codebooks) plus one all-zero end frame -> tokens int32 [T+1, K+1],
-    mask bool [T+1, K+1]; codebooks past K' are masked out."""
+    """Audio codes int [T, K'] (K' <= K = num_codebooks) plus one all-zero end frame -> rows [T+1, K+1];
+    codebooks past K' are masked out."""
     codes = np.asarray(codes)
     k = num_codebooks
     if codes.ndim != 2 or not 1 <= codes.shape[1] <= k or not np.issubdtype(codes.dtype, np.integer):

@@ -6,24 +6,23 @@ Each voice (an espeak-ng voice with its own pitch and speed) is a speaker; a con
 distinct voices and its turns are simple English sentences from a seeded generator. The output directory gets
 `wavs/*.wav` (as espeak-ng writes them: mono 16-bit at 22050 Hz; `prepare` resamples), `manifest.jsonl` (see
 `csm_jax.data.manifest`; extra key `voice`) and `corpus.txt` (every sentence, one a line, for a text model).
-The same arguments give the same texts and speakers, and (with the same espeak-ng) the same audio.
+The same arguments give the same texts and speakers, and (with the same espeak-ng) the same audio. Synthesis is
+`csm_jax.data.synth`'s; `csm_jax.data.speech_corpus` makes the larger corpus of every offline synthesiser.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from csm_jax.data import synth
 from csm_jax.data.manifest import write_manifest
+from csm_jax.data.synth import CorpusError
 
-
-class CorpusError(RuntimeError):
-    """espeak-ng is missing or failed."""
+__all__ = ["VOICES", "CorpusError", "Voice", "make_espeak_corpus", "sentences"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,10 @@ class Voice:
 
     def label(self) -> str:
         return f"{self.name} p{self.pitch} s{self.speed}"
+
+    def synth_voice(self) -> synth.Voice:
+        """This voice for `csm_jax.data.synth.synthesise`."""
+        return synth.Voice("espeak-ng", self.name, self.pitch, self.speed)
 
 
 VOICES = (
@@ -82,24 +85,6 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _espeak() -> str:
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise CorpusError("espeak-ng is not installed (on Debian/Ubuntu: apt-get install espeak-ng)")
-    return exe
-
-
-def _synthesise(exe: str, voice: Voice, text: str, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.wav")
-    cmd = [exe, "-v", voice.name, "-p", str(voice.pitch), "-s", str(voice.speed), "-w", str(tmp), "--stdin"]
-    proc = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=120)
-    if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size <= 44:
-        tmp.unlink(missing_ok=True)
-        err = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        raise CorpusError(f"espeak-ng failed for voice {voice.name!r} ({path.name}): {err}")
-    os.replace(tmp, path)
-
-
 def make_espeak_corpus(out_dir: str | os.PathLike[str], num_conversations: int = 40, turns: int = 4,
                        voices: tuple[Voice | str, ...] = VOICES, seed: int = 0, workers: int | None = None) -> Path:
     """Synthesise the corpus into `out_dir` -> the path of its `manifest.jsonl` (see the module docstring).
@@ -111,7 +96,7 @@ def make_espeak_corpus(out_dir: str | os.PathLike[str], num_conversations: int =
     voices = tuple(Voice(v) if isinstance(v, str) else v for v in voices)
     if len(voices) < 2:
         raise ValueError("need at least two voices")
-    exe = _espeak()
+    synth.program("espeak-ng")
     out = Path(out_dir)
     wavs = out / "wavs"
     wavs.mkdir(parents=True, exist_ok=True)
@@ -126,9 +111,9 @@ def make_espeak_corpus(out_dir: str | os.PathLike[str], num_conversations: int =
             name = f"{conv}_{t:02d}.wav"
             records.append({"audio": f"wavs/{name}", "text": text, "speaker": speaker, "conversation": conv,
                             "turn": t, "voice": voices[speaker].label()})
-            jobs.append((voices[speaker], text, wavs / name))
+            jobs.append((voices[speaker].synth_voice(), text, wavs / name))
     with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
-        for future in [pool.submit(_synthesise, exe, *job) for job in jobs]:
+        for future in [pool.submit(synth.synthesise, *job) for job in jobs]:
             future.result()
     (out / "corpus.txt").write_text("".join(r["text"] + "\n" for r in records), encoding="utf-8")
     return write_manifest(out / "manifest.jsonl", records)

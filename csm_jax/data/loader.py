@@ -2,17 +2,16 @@
 
     dataset = Dataset.open("data/corpus")
     train, held_out = split(dataset, eval_fraction=0.1, seed=0)
-    loader = Loader(train, tokenizer, num_codebooks=32, audio_vocab_size=2051, batch_size=8, max_rows=2048)
+    loader = Loader(train, generator.prompt_format(), batch_size=8, max_rows=2048)
     for batch in loader:          # the rest of the current epoch; loader.next_batch() never stops
         ...
     state = loader.state()        # JSON-serialisable; Loader(..., state=state) continues exactly here
 
 Examples. Each utterance is one example's target; its context is the previous turns of its conversation (turn
-numbers below its own), prompted as CSM is (`csm_jax.csm.prompt`, `ConversationManager.build_prompt`): each
-context turn is its text rows then its audio rows (codes plus an all-zero end frame), oldest first, then the
-target's text rows and audio rows. Context is the most recent whole turns, contiguous back from the target, at
-most `context_turns`, that fit in `max_rows` together with the target; it stops at the first turn that does not
-fit. An utterance whose own rows (text + frames + 1) exceed `max_rows` is skipped (one warning at construction
+numbers below its own), in the model's `PromptFormat` (`csm_jax.csm.prompt`, which the server's
+`ConversationManager.build_prompt` uses too): each context turn is its text rows then its audio rows (codes plus
+an all-zero end frame), oldest first, then the target's text rows and audio rows. Context is chosen by
+`PromptFormat.select_context` (at most `fmt.max_context_turns` turns) within `max_rows` minus the target's rows. An utterance whose own rows (text + frames + 1) exceed `max_rows` is skipped (one warning at construction
 names how many; `loader.skipped` lists their ids); it is then never context either.
 
 Batches (numpy): `tokens` int32 [B, S, K+1] (codebooks 0..K-1, text in column K), `mask` bool [B, S, K+1],
@@ -42,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from csm_jax.csm.prompt import text_rows
-from csm_jax.data.prepare import DATASET_FILE, FORMAT_VERSION, INDEX_FILE, shard_name, tokenizer_fingerprint
+from csm_jax.csm.prompt import PromptFormat
+from csm_jax.data.prepare import DATASET_FILE, FORMAT_VERSION, INDEX_FILE, shard_name
 
 STATE_VERSION = 1
 
@@ -101,7 +99,7 @@ class Dataset:
     """A prepared dataset (see `csm_jax.data.prepare`), or a subset of one's conversations.
 
     `entries[i]` describes utterance i; `codes(i)` int16 [frames, K]; `text_ids(i)` int32 (BOS `[speaker]text`
-    EOS, as column K of `prompt.text_rows`); `conversations` maps a conversation to its entry positions in turn
+    EOS, as `PromptFormat.text_ids` makes them); `conversations` maps a conversation to its entry positions in turn
     order. Codes are memory-mapped from the shard files by default."""
 
     def __init__(self, root: Path, meta: dict[str, Any], entries: list[Entry],
@@ -171,6 +169,16 @@ class Dataset:
                        self._codes, self._text)
 
 
+def held_out_conversations(names: Iterable[str], count: int, seed: int = 0) -> set[str]:
+    """The `count` conversations held out for evaluation: a seeded draw from the sorted names (the one rule shared
+    by the CSM loader and the codec trainer, so both hold out the same conversations of a corpus)."""
+    names = sorted(set(names))
+    if not 1 <= count < len(names):
+        raise ValueError(f"cannot hold out {count} of {len(names)} conversations and keep some for training")
+    order = np.random.default_rng(seed).permutation(len(names))
+    return {names[i] for i in order[:count]}
+
+
 def split(dataset: Dataset, eval_fraction: float | None = None, eval_conversations: int | Iterable[str] | None = None,
           seed: int = 0) -> tuple[Dataset, Dataset]:
     """-> (train, eval), held out by whole conversations. Give `eval_fraction` (of the conversations, at least
@@ -185,10 +193,7 @@ def split(dataset: Dataset, eval_fraction: float | None = None, eval_conversatio
             count = max(1, round(eval_fraction * len(names)))
         else:
             count = eval_conversations
-        if not 1 <= count < len(names):
-            raise ValueError(f"cannot hold out {count} of {len(names)} conversations and keep some for training")
-        order = np.random.default_rng(seed).permutation(len(names))
-        held = {names[i] for i in order[:count]}
+        held = held_out_conversations(names, count, seed)
     else:
         held = set(eval_conversations)
         if not held or held >= set(names):
@@ -217,27 +222,23 @@ class Loader:
 
     Args:
         dataset: a Dataset (or a `split` of one).
-        tokenizer: the model's tokenizer; when it is the one the dataset was prepared with, the stored text ids
-            are used, else the texts are tokenised again.
-        num_codebooks: K, the model's codebooks (the dataset's first K; if the dataset has fewer, the missing
-            codebooks are masked out as `prompt.code_rows` does).
-        audio_vocab_size: the model's audio vocabulary (must hold the codec's codebook size).
+        fmt: the model's PromptFormat (tokenizer and text front end, K codebooks, audio vocabulary, context turn
+            limit). When it is the format the dataset was prepared with, the stored text ids are used, else the
+            texts are tokenised again. The dataset's first K codebooks are used (fewer are masked out).
         batch_size: B.
         max_rows: the longest example, in rows (the model's context length).
         buckets: allowed S values (sorted, the largest >= max_rows); default `default_buckets(max_rows)`.
-        context_turns: at most this many previous turns as context (0: none).
         seed, shuffle: the order; shuffle=False keeps dataset order (still length-grouped within windows).
         drop_last: drop an epoch's last partial batch instead of padding it with empty examples.
         group_batches: the length-sorting window, in batches.
         state: a `state()` to continue from.
     """
 
-    def __init__(self, dataset: Dataset, tokenizer: Tokenizer, num_codebooks: int, audio_vocab_size: int,
-                 batch_size: int, max_rows: int = 2048, buckets: Iterable[int] | None = None, context_turns: int = 16,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, group_batches: int = 16,
-                 state: dict[str, Any] | None = None):
-        for name, value, low in (("num_codebooks", num_codebooks, 1), ("batch_size", batch_size, 1),
-                                 ("max_rows", max_rows, 1), ("context_turns", context_turns, 0),
+    def __init__(self, dataset: Dataset, fmt: PromptFormat, batch_size: int, max_rows: int = 2048,
+                 buckets: Iterable[int] | None = None, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+                 group_batches: int = 16, state: dict[str, Any] | None = None):
+        num_codebooks, audio_vocab_size = fmt.num_codebooks, fmt.audio_vocab_size
+        for name, value, low in (("batch_size", batch_size, 1), ("max_rows", max_rows, 1),
                                  ("group_batches", group_batches, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -247,14 +248,15 @@ class Loader:
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets is not None else default_buckets(max_rows)
         if not self.buckets or self.buckets[0] < 1 or self.buckets[-1] < max_rows:
             raise ValueError(f"buckets must be positive with the largest >= max_rows={max_rows}, got {self.buckets}")
-        self.dataset, self.num_codebooks, self.audio_vocab_size = dataset, num_codebooks, audio_vocab_size
-        self.batch_size, self.max_rows, self.context_turns = batch_size, max_rows, context_turns
+        self.dataset, self.format = dataset, fmt
+        self.num_codebooks, self.audio_vocab_size = num_codebooks, audio_vocab_size
+        self.batch_size, self.max_rows, self.context_turns = batch_size, max_rows, fmt.max_context_turns
         self.seed, self.shuffle, self.drop_last, self.group_batches = seed, shuffle, drop_last, group_batches
 
-        if dataset.meta["fingerprint"]["tokenizer_sha256"] == tokenizer_fingerprint(tokenizer):
+        if dataset.meta["fingerprint"].get("format_sha256") == fmt.fingerprint():
             self._text_ids = [dataset.text_ids(i) for i in range(len(dataset))]
         else:
-            self._text_ids = [text_rows(tokenizer, e.text, e.speaker, 1)[0][:, 1] for e in dataset.entries]
+            self._text_ids = [fmt.text_ids(e.text, e.speaker) for e in dataset.entries]
         self.examples, self.skipped = self._build_examples()
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} of {len(dataset)} utterances are longer than max_rows={max_rows} "
@@ -274,7 +276,7 @@ class Loader:
 
     # examples --------------------------------------------------------------------------------------------
     def _turn_rows(self, i: int) -> int:
-        return len(self._text_ids[i]) + self.dataset.entries[i].frames + 1
+        return self.format.turn_length(len(self._text_ids[i]), self.dataset.entries[i].frames)
 
     def _build_examples(self) -> tuple[list[Example], list[int]]:
         examples, skipped = [], []
@@ -287,16 +289,10 @@ class Loader:
             if own > self.max_rows:
                 skipped.append(e.id)
                 continue
-            members = self.dataset.conversations[e.conversation]
-            budget, context = self.max_rows - own, []
-            earlier = members[:position_in_conv[i]] if self.context_turns else []
-            for m in reversed(earlier[-self.context_turns:]):
-                rows = self._turn_rows(m)
-                if rows > budget:
-                    break
-                budget -= rows
-                context.append(m)
-            examples.append(Example(i, tuple(reversed(context)), self.max_rows - budget))
+            earlier = self.dataset.conversations[e.conversation][:position_in_conv[i]]
+            kept = self.format.select_context([self._turn_rows(m) for m in earlier], self.max_rows - own)
+            context = tuple(earlier[len(earlier) - kept:])
+            examples.append(Example(i, context, own + sum(self._turn_rows(m) for m in context)))
         return examples, skipped
 
     def _make_fingerprint(self) -> str:
@@ -316,19 +312,14 @@ class Loader:
         return tokens, mask, targets
 
     def _fill(self, ex: Example, tokens: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> None:
-        k, pos = self.num_codebooks, 0
+        pos = 0
         for i in (*ex.context, ex.target):
             ids = self._text_ids[i]
-            tokens[pos:pos + len(ids), k] = ids
-            mask[pos:pos + len(ids), k] = True
-            pos += len(ids)
-            codes = self.dataset.codes(i)[:, :k]
-            t, kk = codes.shape
-            tokens[pos:pos + t, :kk] = codes
-            mask[pos:pos + t + 1, :kk] = True
+            t, m = self.format.turn_rows(ids, self.dataset.codes(i)[:, :self.num_codebooks].astype(np.int32))
+            tokens[pos:pos + len(t)], mask[pos:pos + len(t)] = t, m
             if i == ex.target:
-                targets[pos:pos + t + 1] = True
-            pos += t + 1
+                targets[pos + len(ids):pos + len(t)] = True
+            pos += len(t)
 
     # order -----------------------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:

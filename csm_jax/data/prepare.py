@@ -1,13 +1,13 @@
 """Corpus preparation: manifest -> audio processor -> batched Mimi encode -> sharded codes + text ids + index.
 
-    summary = prepare("corpus/manifest.jsonl", "data/corpus", codec, tokenizer, num_codebooks=8)
+    summary = prepare("corpus/manifest.jsonl", "data/corpus", codec, generator.prompt_format(), num_codebooks=8)
 
 Output directory:
-  dataset.json        format version, config fingerprint (codec config + weights hash, num_codebooks, tokenizer,
-                      manifest, shard_size) and `complete`
+  dataset.json        format version, config fingerprint (codec config + weights hash, num_codebooks, prompt
+                      format (tokenizer + text front end), manifest, shard_size) and `complete`
   shard-00000.npz     `codes` int16 [frames, K] (the shard's utterances back to back), `code_offsets` int64 [n+1],
-                      `text_ids` int32 (each utterance's `[speaker]text` with BOS/EOS, as `prompt.text_rows` puts
-                      in column K), `text_offsets` int64 [n+1], `meta` (a JSON string: per-utterance metadata)
+                      `text_ids` int32 (each utterance's `PromptFormat.text_ids`: BOS, `[speaker]`
+                      front end(text), EOS), `text_offsets` int64 [n+1], `meta` (a JSON string: per-utterance metadata)
   index.jsonl         one line per utterance: id, conversation, turn, speaker, text, audio, samples, frames,
                       shard, offset (code row in the shard), text_offset, text_len, extra
   summary.json        `Summary`
@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -41,12 +40,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from csm_jax.audio.processor import AudioError, load_audio
 from csm_jax.codec.codec import MimiCodec
-from csm_jax.csm.prompt import text_rows
+from csm_jax.csm.prompt import PromptFormat
 from csm_jax.data.manifest import Utterance, read_manifest
 
 FORMAT_VERSION = 1
@@ -112,10 +110,6 @@ def codec_fingerprint(codec: MimiCodec) -> dict[str, Any]:
     return {"config": codec.config.to_dict(), "params_sha256": h.hexdigest()}
 
 
-def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    return _sha256(tokenizer.to_str().encode())
-
-
 def _manifest_fingerprint(utterances: list[Utterance]) -> str:
     rows = [[str(u.audio), u.text, u.speaker, u.conversation, u.turn] for u in utterances]
     return _sha256(json.dumps(rows, ensure_ascii=False).encode())
@@ -154,6 +148,8 @@ def _check_out_dir(out: Path, fingerprint: dict[str, Any], force: bool) -> None:
                 if k == "codec":
                     old, new = previous.get(k) or {}, fingerprint[k]
                     details.append("codec config" if old.get("config") != new["config"] else "codec weights")
+                elif k == "format_sha256":
+                    details.append("prompt format (tokenizer or text front end)")
                 elif k in ("num_codebooks", "shard_size", "format"):
                     details.append(f"{k} {previous.get(k)} (now {fingerprint.get(k)})")
                 else:
@@ -171,8 +167,8 @@ def _load(u: Utterance) -> np.ndarray:
         raise PrepareError(f"{u.source}: cannot read audio {u.audio}: {e}") from e
 
 
-def _encode_shard(utts: list[Utterance], codec: MimiCodec, tokenizer: Tokenizer, num_codebooks: int,
-                  batch_seconds: float, pool: ThreadPoolExecutor, pbar: Any) -> tuple[bytes, list[dict[str, Any]]]:
+def _encode_shard(utts: list[Utterance], codec: MimiCodec, fmt: PromptFormat, batch_seconds: float,
+                  pool: ThreadPoolExecutor, pbar: Any) -> tuple[bytes, list[dict[str, Any]]]:
     """Load, encode and pack one shard -> (npz bytes, per-utterance metadata)."""
     fs = codec.frame_size
     audio = list(pool.map(_load, utts))
@@ -193,7 +189,7 @@ def _encode_shard(utts: list[Utterance], codec: MimiCodec, tokenizer: Tokenizer,
             for r, i in enumerate(chunk):
                 codes[i] = out[r, :, :frames[i]].T.astype(np.int16)
             pbar.update(len(chunk))
-    text_ids = [text_rows(tokenizer, u.text, u.speaker, num_codebooks)[0][:, num_codebooks] for u in utts]
+    text_ids = [fmt.text_ids(u.text, u.speaker) for u in utts]
     code_offsets = np.concatenate([[0], np.cumsum(frames)]).astype(np.int64)
     text_offsets = np.concatenate([[0], np.cumsum([len(t) for t in text_ids])]).astype(np.int64)
     meta = [{"conversation": u.conversation, "turn": u.turn, "speaker": u.speaker, "text": u.text,
@@ -232,14 +228,14 @@ def _read_shard_meta(path: Path, utts: list[Utterance]) -> list[dict[str, Any]] 
 
 
 def prepare(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], codec: MimiCodec,
-            tokenizer: Tokenizer, num_codebooks: int | None = None, *, audio_vocab_size: int | None = None,
+            fmt: PromptFormat, num_codebooks: int | None = None, *, audio_vocab_size: int | None = None,
             shard_size: int = 512, batch_seconds: float = 120.0, force: bool = False, progress: bool = True,
             workers: int = 4) -> Summary:
     """Prepare a manifest's corpus into `out_dir` (see the module docstring) -> its Summary.
 
     Args:
         codec: the Mimi codec; `num_codebooks` (default: the codec's) codebooks are kept per frame.
-        tokenizer: text tokenizer with BOS/EOS, as the model's (`prompt.text_rows`).
+        fmt: the model's PromptFormat (its tokenizer and text front end make the text ids).
         audio_vocab_size: if given, checked to hold the codec's codebook size (CSM-1B: 2051 >= 2048).
         shard_size: utterances per shard file (a shard's audio is held in memory while it is encoded).
         batch_seconds: padded audio seconds per encoder call (the batch size of each length bucket).
@@ -260,7 +256,7 @@ def prepare(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {"format": FORMAT_VERSION, "codec": codec_fingerprint(codec), "num_codebooks": k,
-                   "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "manifest_sha256": _manifest_fingerprint(utts),
+                   "format_sha256": fmt.fingerprint(), "manifest_sha256": _manifest_fingerprint(utts),
                    "shard_size": shard_size}
     _check_out_dir(out, fingerprint, force)
     base = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "num_codebooks": k,
@@ -278,7 +274,7 @@ def prepare(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
             path = out / shard_name(i)
             meta = _read_shard_meta(path, shard) if path.is_file() else None
             if meta is None:
-                data, meta = _encode_shard(shard, encoder, tokenizer, k, batch_seconds, pool, pbar)
+                data, meta = _encode_shard(shard, encoder, fmt, batch_seconds, pool, pbar)
                 _atomic_write_bytes(path, data)
             else:
                 pbar.update(len(shard))

@@ -1,5 +1,22 @@
-"""Evaluation beyond the loss: intelligibility of generated speech."""
+"""Evaluation beyond the loss: intelligibility of generated speech, signal-level codec metrics, pitch and speaker
+similarity."""
 
 from csm_jax.evaluation.intelligibility import Intelligibility, normalize
+from csm_jax.evaluation.pitch import f0_error, f0_track
+from csm_jax.evaluation.signal import mel_distance, mel_filterbank, si_snr, stft_magnitude
+from csm_jax.evaluation.speaker import closer_to_prompt, feature_scale, speaker_distance, speaker_features
 
-__all__ = ["Intelligibility", "normalize"]
+__all__ = [
+    "Intelligibility",
+    "closer_to_prompt",
+    "f0_error",
+    "f0_track",
+    "feature_scale",
+    "mel_distance",
+    "mel_filterbank",
+    "normalize",
+    "si_snr",
+    "speaker_distance",
+    "speaker_features",
+    "stft_magnitude",
+]

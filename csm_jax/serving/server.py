@@ -386,7 +386,7 @@ def build_service(config: ServeConfig) -> Service:
         generator, name = default_generator(m.seed), NAME
         if m.num_codebooks is not None:
             generator = Generator(generator.params, generator.cfg, generator.codec, generator.tokenizer,
-                                  m.num_codebooks)
+                                  m.num_codebooks, frontend=generator.prompt_format().frontend)
     else:
         generator = load_csm(m.path, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype)
         name = Path(m.path).name
@@ -396,7 +396,8 @@ def build_service(config: ServeConfig) -> Service:
     if config.storage.backend != "sqlite":
         raise ValueError(f"unknown storage backend {config.storage.backend!r}; supported: ['sqlite']")
     store = SQLiteStore(config.storage.path)
-    manager = ConversationManager(store, generator, max_turns=config.context.max_turns)
+    manager = ConversationManager(store, generator.prompt_format().with_context(config.context.max_turns),
+                                  generator.cfg.backbone.max_seq_len)
     scheduler = Scheduler(generator, config.engine.batch_size)
     if config.engine.warmup_rows:
         t = scheduler.warmup(config.engine.warmup_rows)

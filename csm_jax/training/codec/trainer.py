@@ -1,0 +1,201 @@
+"""The codec training loop: resume exactly, train on random crops, log, evaluate held-out resynthesis, checkpoint.
+
+Batches depend only on (seed, step) and the step's PRNG key on (state.rng, step), so a run killed at any point
+and restarted from its latest checkpoint reproduces the uninterrupted run's losses bit for bit. A resumed run
+must have the same settings as the checkpoint, except those in `RESUMABLE_CHANGES` (e.g. max_steps).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from csm_jax.codec.codec import MimiCodec
+from csm_jax.codec.config import MimiConfig
+from csm_jax.training.checkpointing import Checkpointer
+from csm_jax.training.codec.config import RESUMABLE_CHANGES, CodecTrainConfig
+from csm_jax.training.codec.data import AudioBank
+from csm_jax.training.codec.step import CodecProgram, CodecState
+from csm_jax.training.mesh import make_train_mesh, maybe_initialize_distributed
+from csm_jax.training.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+class ConfigMismatch(ValueError):
+    """A resumed run's settings differ from those its checkpoints were trained with."""
+
+
+def load_teacher(spec: str) -> Callable[[np.ndarray, int], np.ndarray]:
+    """"module:function" -> the function (audio float32 [B, N], sample_rate) -> features float32 [B, T, dim]."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"distill.teacher must be 'module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load distillation teacher {spec!r}: {e}") from e
+
+
+def _diff(saved: Any, now: Any, where: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now)):
+            if not where and key in RESUMABLE_CHANGES:
+                continue
+            out += _diff(saved.get(key), now.get(key), f"{where}{key}.")
+        return out
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return [] if norm(saved) == norm(now) else [f"{where.rstrip('.')}: {saved!r} -> {now!r}"]
+
+
+def check_resume(meta: dict[str, Any], cfg: CodecTrainConfig, codec_cfg: MimiConfig) -> None:
+    """Raise ConfigMismatch naming every setting that differs from the checkpoint's."""
+    changes = _diff(meta["config"], cfg.to_dict()) + _diff(meta["codec_config"], codec_cfg.to_dict(), "codec.")
+    if changes:
+        raise ConfigMismatch("cannot resume: the settings differ from the checkpoint's (use a new workdir, or "
+                             "restore them):\n  " + "\n  ".join(changes))
+
+
+def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: float, asr: Any = None
+                   ) -> dict[str, float]:
+    """Held-out resynthesis: the first `count` utterances of `bank` (cut to `max_seconds`), encoded and decoded in
+    one padded batch -> mean mel distance, SI-SNR (dB), median relative F0 error and voicing agreement, and the
+    word error rates of the original and the resynthesis when `asr` (an `Intelligibility`) is given."""
+    from csm_jax.evaluation import f0_error, mel_distance, si_snr
+
+    n = min(count, len(bank))
+    limit = int(max_seconds * bank.sample_rate)
+    refs = [bank.utterance(i)[:limit] for i in range(n)]
+    length = codec.num_frames(max(len(r) for r in refs)) * codec.frame_size
+    batch = np.zeros((n, length), np.float32)
+    for i, r in enumerate(refs):
+        batch[i, : len(r)] = r
+    recon = np.asarray(codec.decode(codec.encode(batch)))
+    ests = [recon[i, : len(r)] for i, r in enumerate(refs)]
+    sr = bank.sample_rate
+    f0 = [f0_error(r, e, sr) for r, e in zip(refs, ests)]
+    rel = [m["median_rel_error"] for m in f0 if m["voiced_frames"] > 0]
+    out = {"mel_distance": float(np.mean([mel_distance(r, e, sr) for r, e in zip(refs, ests)])),
+           "si_snr": float(np.mean([si_snr(r, e) for r, e in zip(refs, ests)])),
+           "f0_rel_error": float(np.median(rel)) if rel else float("nan"),
+           "voicing_agreement": float(np.mean([m["voicing_agreement"] for m in f0]))}
+    if asr is not None:
+        texts = [bank.texts[i] for i in range(n)]
+        full = [bank.utterance(i) for i in range(n)]
+        if limit < max(len(a) for a in full):
+            raise ValueError("word error rates need whole utterances: raise eval_max_seconds")
+        out["wer_original"] = asr.wer(refs, texts, sr)
+        out["wer_resynthesis"] = asr.wer(ests, texts, sr)
+    return out
+
+
+def _window_mean(window: list[dict[str, Any]]) -> dict[str, Any]:
+    host = jax.device_get(window)
+    return {k: np.mean([np.asarray(m[k], np.float64) for m in host if k in m], axis=0)
+            for k in dict.fromkeys(k for m in host for k in m)}
+
+
+def train_codec(cfg: CodecTrainConfig, codec_cfg: MimiConfig, train_bank: AudioBank,
+                eval_bank: AudioBank | None = None, workdir: str | Path = "codec_run", asr: Any = None,
+                ) -> dict[str, Any]:
+    """Train to `cfg.max_steps`, resuming from `<workdir>/checkpoints`. Returns a summary: step, start_step,
+    resumed, train (last logged metrics), eval (last eval), best_step, elapsed_s, workdir."""
+    maybe_initialize_distributed(cfg.distributed)
+    if train_bank.sample_rate != codec_cfg.sample_rate:
+        raise ValueError(f"audio prepared at {train_bank.sample_rate} Hz, codec runs at {codec_cfg.sample_rate} Hz")
+    workdir = Path(workdir).absolute()
+    program = CodecProgram(codec_cfg, cfg, make_train_mesh(cfg.mesh))
+    teacher = load_teacher(cfg.distill.teacher) if cfg.distill.teacher else None
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.max_to_keep, keep_best=cfg.keep_best,
+                                best_metric="eval/mel_distance", async_save=cfg.async_checkpointing)
+    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    t0 = time.time()
+    summary: dict[str, Any] = {"workdir": str(workdir), "train": None, "eval": None}
+    bar = None
+    try:
+        latest = checkpointer.latest_step() if cfg.resume else None
+        if latest is not None:
+            meta = checkpointer.manager.restore(latest, args=_meta_args()).meta
+            check_resume(meta, cfg, codec_cfg)
+            state, _ = checkpointer.restore(program.abstract_state_sharded(), latest)
+            log.info("resumed from step %d (%s)", latest, checkpointer.directory)
+        else:
+            state = program.init_state(cfg.seed)
+        step = int(jax.device_get(state.step))
+        summary.update(start_step=step, resumed=latest is not None)
+        log.info("codec parameters: %d; discriminator: %d", _count(state.params), _count(state.disc_params))
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train codec", dynamic_ncols=True,
+                   disable=not (cfg.progress and jax.process_index() == 0))
+        window: list[dict[str, Any]] = []
+        window_start = time.time()
+        while step < cfg.max_steps:
+            audio = train_bank.crops(step, cfg.batch_size, program.segment, cfg.seed)
+            feats = teacher(audio, codec_cfg.sample_rate) if teacher else None
+            state, metrics = program.train_step(state, step, audio, feats)
+            step += 1
+            window.append(metrics)
+            bar.update(1)
+            last = step == cfg.max_steps
+            if (cfg.log_every and step % cfg.log_every == 0) or last:
+                means = _window_mean(window) | {"steps_per_s": len(window) / max(time.time() - window_start, 1e-9)}
+                summary["train"] = writer.write(step, means, prefix="train/")
+                bar.set_postfix(loss=f"{float(means['loss']):.3f}", mel=f"{float(means.get('mel', 0)):.3f}",
+                                refresh=False)
+                log.info("step %d: loss %.4f mel %.4f commit %.4f, %.2f steps/s", step, means["loss"],
+                         means.get("mel", 0.0), means["commit"], means["steps_per_s"])
+                window, window_start = [], time.time()
+            eval_flat = None
+            if eval_bank is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                result = evaluate_codec(program.codec(state), eval_bank, cfg.eval_utterances, cfg.eval_max_seconds,
+                                        asr if cfg.eval_asr else None)
+                eval_flat = writer.write(step, result, prefix="eval/")
+                summary["eval"] = eval_flat
+                log.info("step %d: eval %s", step, {k: round(v, 4) for k, v in result.items()})
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last or eval_flat is not None:
+                meta = {"step": step, "config": cfg.to_dict(), "codec_config": codec_cfg.to_dict(),
+                        "train": summary["train"], "eval": eval_flat}
+                checkpointer.save(step, state, meta, eval_flat)
+        summary["step"] = step
+        checkpointer.wait()
+        summary["best_step"] = checkpointer.best_step()
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+        writer.close()
+    summary["elapsed_s"] = time.time() - t0
+    return summary
+
+
+def restore_codec(workdir: str | Path, codec_cfg: MimiConfig, cfg: CodecTrainConfig, which: str | int = "best"
+                  ) -> tuple[CodecState, CodecProgram, int]:
+    """(state, program, step) of a run's checkpoint: "best" (lowest held-out mel distance), "latest", or a step."""
+    program = CodecProgram(codec_cfg, cfg, make_train_mesh(cfg.mesh))
+    with Checkpointer(Path(workdir) / "checkpoints", async_save=False, best_metric="eval/mel_distance") as ckpt:
+        if which == "best":
+            step = ckpt.best_step() if ckpt.best_step() is not None else ckpt.latest_step()
+        else:
+            step = ckpt.latest_step() if which == "latest" else int(which)
+        if step is None:
+            raise FileNotFoundError(f"no codec checkpoint in {workdir}/checkpoints")
+        state, _ = ckpt.restore(program.abstract_state_sharded(), int(step))
+    return state, program, int(step)
+
+
+def _meta_args() -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def _count(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -1,0 +1,257 @@
+"""Codec training: the EMA split RVQ agrees with the inference quantizer, the losses behave, a tiny codec learns,
+and the Hydra recipe (train/train_codec.py) trains, evaluates, exports, resumes exactly after kill -9 and rejects
+bad inputs with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csm_jax import load_audio
+from csm_jax.codec.config import MimiConfig
+from csm_jax.codec.mimi import Mimi
+from csm_jax.training.codec import (AudioBank, CodecOptimConfig, CodecProgram, CodecTrainConfig, RVQConfig,
+                                    init_ema, prepare_audio, quantize, update_ema, with_codebooks)
+from csm_jax.training.codec import losses as L
+from csm_jax.training.mesh import MeshConfig, make_train_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+TINY = MimiConfig(hidden_size=64, num_filters=8, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16,
+                  intermediate_size=128, codebook_dim=32, codebook_size=256, num_quantizers=4, upsample_groups=64)
+
+
+def _latent(cfg: MimiConfig, seed: int = 0, clip: str = "speech_3s.wav") -> tuple[dict[str, Any], jax.Array]:
+    audio = jnp.asarray(load_audio(DATA / clip)[None, : 12 * cfg.frame_size])
+    params = Mimi(cfg).init(jax.random.key(seed), audio[:, : cfg.frame_size])["params"]
+    return params, Mimi(cfg).apply({"params": params}, audio, method=Mimi.encode_latent)
+
+
+def _trained_ema(params: dict[str, Any], latent: jax.Array, cfg: MimiConfig, steps: int = 3) -> dict[str, Any]:
+    ema = init_ema(cfg)
+    rvq = RVQConfig(dropout_prob=0.0)
+    for i in range(steps):
+        full = with_codebooks(params, ema)
+        _, aux = quantize(full["quantizer"], ema, latent, cfg, rvq, jax.random.key(i))
+        ema, _ = update_ema(ema, aux, rvq)
+    return ema
+
+
+def test_training_rvq_matches_the_inference_quantizer() -> None:
+    """With all levels kept, the training RVQ's codes are the inference encoder's codes on the same latent, and its
+    output is the inference decoder's sum of centroids (the EMA codebooks are what inference uses)."""
+    params, latent = _latent(TINY)
+    ema = _trained_ema(params, latent, TINY)
+    full = with_codebooks(params, ema)
+    out, aux = quantize(full["quantizer"], ema, latent, TINY, RVQConfig(), jax.random.key(9),
+                        num_acoustic=TINY.num_quantizers - 1)
+    module = Mimi(TINY)
+    codes = module.apply({"params": full}, latent, TINY.num_quantizers,
+                         method=lambda m, x, n: m.quantizer.encode(x, n))
+    np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(codes))
+    decoded = module.apply({"params": full}, codes, method=lambda m, c: m.quantizer.decode(c))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(decoded), atol=1e-4)
+
+
+def test_ema_statistics_dead_codes_and_dropout() -> None:
+    params, latent = _latent(TINY)
+    ema = _trained_ema(params, latent, TINY, steps=1)
+    usage = np.asarray(ema["acoustic"]["cluster_usage"])
+    assert bool(ema["initialized"]) and usage.shape == (TINY.num_quantizers - 1, TINY.codebook_size)
+    # EMA sums over usages: the centroid form of the official checkpoints.
+    centroids = np.asarray(ema["acoustic"]["embed_sum"]) / np.maximum(usage, 1e-5)[..., None]
+    np.testing.assert_allclose(np.asarray(with_codebooks(params, ema)["quantizer"]["acoustic"]["codebooks"]),
+                               centroids, rtol=1e-6)
+    # A code nobody uses decays below the threshold and is replaced by a vector from the batch.
+    stale = jax.tree.map(lambda x: x, ema)
+    stale["acoustic"] = dict(stale["acoustic"], cluster_usage=stale["acoustic"]["cluster_usage"].at[0, 5].set(0.0))
+    full = with_codebooks(params, stale)
+    _, aux = quantize(full["quantizer"], stale, latent, TINY, RVQConfig(), jax.random.key(1))
+    new, metrics = update_ema(stale, aux, RVQConfig())
+    assert float(metrics["acoustic_replaced"][0]) >= 1
+    assert float(new["acoustic"]["cluster_usage"][0, 5]) > 0
+    # Quantizer dropout: a sequence keeping n acoustic levels gets the sum of exactly those levels (on other
+    # speech than the codebooks were drawn from, so every level has a residual left to quantize).
+    other = Mimi(TINY).apply({"params": params}, jnp.asarray(load_audio(DATA / "speech_14s.wav")[None, 40_000:63_040]),
+                             method=Mimi.encode_latent)
+    out1, aux1 = quantize(full["quantizer"], stale, other, TINY, RVQConfig(), jax.random.key(2), num_acoustic=1)
+    out3, _ = quantize(full["quantizer"], stale, other, TINY, RVQConfig(), jax.random.key(2), num_acoustic=3)
+    decode = lambda c: Mimi(TINY).apply({"params": full}, c, method=lambda m, x: m.quantizer.decode(x))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(out1), np.asarray(decode(aux1["codes"][..., :2])), atol=1e-4)
+    assert float(jnp.abs(out1 - out3).max()) > 1e-3
+
+
+def test_losses_are_zero_on_identical_audio_and_grow_with_distortion() -> None:
+    x = jnp.asarray(load_audio(DATA / "speech_1s.wav")[None])
+    noise = jnp.asarray(np.random.default_rng(0).normal(size=x.shape).astype(np.float32))
+    assert float(L.mel_loss(x, x, 24_000)) == pytest.approx(0.0, abs=1e-6)
+    assert float(L.stft_loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    small, large = x + 0.003 * noise, x + 0.03 * noise
+    assert 0 < float(L.mel_loss(x, small, 24_000)) < float(L.mel_loss(x, large, 24_000))
+    assert 0 < float(L.stft_loss(x, small)) < float(L.stft_loss(x, large))
+    # Mel filters: unit area, centred on increasing frequencies, covering the band.
+    fb = L.mel_filterbank(24_000, 1024, 40)
+    assert fb.shape == (513, 40) and (fb >= 0).all() and (np.diff(fb.argmax(0)) >= 0).all()
+    logits = [jnp.array([2.0, -2.0])]
+    assert float(L.hinge_discriminator(logits, [-x for x in logits])) == pytest.approx(3.0)  # (0 + 3) / 2 twice
+    assert float(L.hinge_generator([jnp.array([1.0, 3.0])])) == 0.0
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> AudioBank:
+    """Real speech (the test clips as utterances of three conversations) prepared into an audio bank."""
+    root = tmp_path_factory.mktemp("codec_audio")
+    lines = [{"audio": str(DATA / name), "text": "hello there", "speaker": i % 2, "conversation": f"c{i % 3}",
+              "turn": i // 3} for i, name in enumerate(["speech_1s.wav", "speech_3s.wav", "speech_14s.wav",
+                                                         "speech_stereo_44k.wav"])]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = prepare_audio(root / "manifest.jsonl", root / "prepared", eval_conversations=1, progress=False)
+    return AudioBank.open(out, "train")
+
+
+def test_audio_bank_crops_are_deterministic_and_cover_the_audio(bank: AudioBank) -> None:
+    a, b = bank.crops(7, 4, 3840, seed=1), bank.crops(7, 4, 3840, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, bank.crops(8, 4, 3840, seed=1))
+    assert a.dtype == np.float32 and a.shape == (4, 3840) and 0.01 < np.abs(a).max() <= 1.0
+
+
+def test_a_tiny_codec_learns_to_reconstruct(bank: AudioBank) -> None:
+    cfg = CodecTrainConfig(max_steps=30, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4),
+                           optim=CodecOptimConfig(learning_rate=3e-3, warmup_steps=5))
+    program = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
+    state = program.init_state(0)
+    audio = bank.crops(0, 4, program.segment)
+    mels = []
+    for step in range(30):
+        state, metrics = program.train_step(state, step, audio)
+        mels.append(float(metrics["mel"]))
+    assert np.mean(mels[-3:]) < 0.75 * mels[0], mels
+    codec = program.codec(state)
+    recon = np.asarray(codec.decode(codec.encode(audio)))
+    assert recon.shape == audio.shape and np.isfinite(recon).all()
+
+
+# the Hydra recipe --------------------------------------------------------------------------------------------
+def command(*overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train" / "train_codec.py"), "codec=tiny", "data=espeak_tiny",
+            "codec_train=tiny", "data.eval_conversations=1", *overrides]
+
+
+def run(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(*overrides), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"train_codec failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def result(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            out[record["step"]] = record["train/loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
+    root = tmp_path_factory.mktemp("codec_recipe")
+    overrides = (f"paths.data={root / 'data'}", f"paths.runs={root / 'runs'}")
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "make_corpus.py"), "data=espeak_tiny",
+                           "data.corpus.num_conversations=4", "data.corpus.turns=2", *overrides], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return overrides
+
+
+def test_recipe_trains_evaluates_and_exports_a_codec_transformers_reads(corpus: tuple[str, ...]) -> None:
+    import torch
+    from transformers import MimiModel
+
+    from csm_jax import load_codec
+
+    summary = result(run(*corpus))
+    assert summary["step"] == 12 and not summary["resumed"]
+    assert {"eval/mel_distance", "eval/si_snr", "eval/f0_rel_error"} <= set(summary["eval"])
+    export = Path(summary["export"])
+    codec = load_codec(export / "codec")
+    audio = load_audio(DATA / "speech_3s.wav")[None]
+    ours = np.asarray(codec.encode(audio))
+    model = MimiModel.from_pretrained(export / "transformers").eval()
+    with torch.no_grad():
+        theirs = model.encode(torch.from_numpy(audio)[:, None], num_quantizers=8).audio_codes.numpy()
+        decoded = model.decode(torch.from_numpy(ours).long()).audio_values.numpy()[:, 0]
+    # After 12 steps the deep residual levels hold near-duplicate codewords, so float rounding may flip a few
+    # near-tied choices there; the first levels and the decoder must agree exactly.
+    np.testing.assert_array_equal(ours[:, :4], theirs[:, :4])
+    assert (ours == theirs).mean() >= 0.9
+    np.testing.assert_allclose(decoded, np.asarray(codec.decode(ours)), atol=1e-4)
+
+
+def test_kill_9_after_a_checkpoint_resumes_exactly(corpus: tuple[str, ...], tmp_path: Path) -> None:
+    settings = ("codec_train.log_every=1", "codec_train.eval_every=0", "seed=5")
+    reference = losses(Path(result(run(*corpus, *settings, f"workdir={tmp_path / 'ref'}"))["workdir"]))
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(command(*corpus, *settings, f"workdir={workdir}"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    found: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None and not found:
+        found = [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit() and int(p.name) >= 6]
+        time.sleep(0.05)
+    assert found, "no checkpoint at step >= 6 appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(workdir)) < 12  # really interrupted
+    resumed = result(run(*corpus, *settings, f"workdir={workdir}"))
+    assert resumed["resumed"] and resumed["start_step"] >= 6 and resumed["step"] == 12
+    after = losses(workdir)
+    for step in range(resumed["start_step"] + 1, 13):
+        assert after[step] == reference[step], (step, after[step], reference[step])
+
+
+@pytest.mark.parametrize("case", ["missing_manifest", "missing_audio", "corrupt_audio", "bad_strides",
+                                  "unknown_loss", "changed_config"])
+def test_bad_inputs_fail_with_clear_errors(case: str, corpus: tuple[str, ...], tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    overrides = [*corpus, f"workdir={tmp_path / 'run'}", f"codec_audio={tmp_path / 'audio'}"]
+    if case == "missing_manifest":
+        overrides.append(f"data.manifest={manifest}")
+        expect = "manifest.jsonl"
+    elif case in ("missing_audio", "corrupt_audio"):
+        (tmp_path / "bad.wav").write_bytes(b"RIFF not really a wave file")
+        lines = [{"audio": "nope.wav" if case == "missing_audio" else "bad.wav", "text": "hi", "speaker": 0,
+                  "conversation": f"c{i}", "turn": 0} for i in range(2)]
+        manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        overrides.append(f"data.manifest={manifest}")
+        expect = "nope.wav" if case == "missing_audio" else "bad.wav"
+    elif case == "bad_strides":
+        overrides.append("+codec.config.ratios=[8,6,5,3]")
+        expect = "not a multiple of 12.5 Hz"
+    elif case == "unknown_loss":
+        overrides.append("+codec_train.losses.bogus=1.0")
+        expect = "unknown codec loss name(s) ['bogus']"
+    else:
+        run(*overrides, "codec_train.max_steps=3", "codec_train.eval_every=0")
+        overrides += ["codec_train.max_steps=6", "codec_train.optim.learning_rate=1e-3"]
+        expect = "optim.learning_rate: 0.0006 -> 0.001"
+    proc = run(*overrides, check=False)
+    assert proc.returncode != 0
+    assert expect in proc.stdout + proc.stderr, (proc.stdout[-2000:], proc.stderr[-2000:])
