@@ -142,7 +142,8 @@ def prepare_data(cfg: dict[str, Any]) -> Any:
     """Manifest -> Mimi codes + text tokens in `data.prepared` (resumable)."""
     mc, d = model_config(cfg), cfg["data"]
     return prepare(d["manifest"], d["prepared"], codec(cfg), prompt_format(cfg), mc.num_codebooks,
-                   audio_vocab_size=mc.audio_vocab_size, shard_size=int(d["shard_size"]))
+                   audio_vocab_size=mc.audio_vocab_size, shard_size=int(d["shard_size"]),
+                   speakers=d.get("speakers", "manifest"))
 
 
 def run_training(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -478,3 +478,25 @@ def test_loader_rows_equal_the_servers_prompt_rows(dataset, fmt, tmp_path, max_r
         checked += 1
     assert checked >= 5
     store.close()
+
+
+def test_speakers_as_conversation_roles(corpus, codec, fmt, tmp_path):
+    """speakers="roles": ids become 0, 1, ... per conversation in order of first appearance (CSM's convention), the
+    text ids say so, and the manifest id is kept."""
+    from csm_jax.data.prepare import conversation_roles
+
+    utts = read_manifest(corpus)
+    roles = conversation_roles(utts)
+    for conv in {u.conversation for u in utts}:
+        turns = sorted((u for u in roles if u.conversation == conv), key=lambda u: u.turn)
+        first = list(dict.fromkeys(u.speaker for u in turns))
+        assert first == list(range(len(first)))
+        assert all(u.extra["voice_id"] == v.speaker for u, v in zip(roles, utts))
+    out = tmp_path / "roles"
+    _prep(corpus, out, codec, fmt, speakers="roles")
+    ds = Dataset.open(out)
+    for i, e in enumerate(ds.entries):
+        np.testing.assert_array_equal(ds.text_ids(i), fmt.text_ids(e.text, e.speaker))
+        assert e.speaker == next(u.speaker for u in roles if (u.conversation, u.turn) == (e.conversation, e.turn))
+    with pytest.raises(PrepareError, match="speakers"):
+        _prep(corpus, tmp_path / "bad", codec, fmt, speakers="voices")

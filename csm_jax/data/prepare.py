@@ -34,8 +34,9 @@ import json
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -227,10 +228,21 @@ def _read_shard_meta(path: Path, utts: list[Utterance]) -> list[dict[str, Any]] 
     return meta
 
 
+def conversation_roles(utts: list[Utterance]) -> list[Utterance]:
+    """Speaker ids renumbered per conversation by first appearance in turn order; the old id goes to
+    `extra["voice_id"]`."""
+    roles: dict[str, dict[int, int]] = {}
+    for u in sorted(utts, key=lambda u: (u.conversation, u.turn)):
+        conv = roles.setdefault(u.conversation, {})
+        conv.setdefault(u.speaker, len(conv))
+    return [replace(u, speaker=roles[u.conversation][u.speaker],
+                                extra=MappingProxyType({**u.extra, "voice_id": u.speaker})) for u in utts]
+
+
 def prepare(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], codec: MimiCodec,
             fmt: PromptFormat, num_codebooks: int | None = None, *, audio_vocab_size: int | None = None,
             shard_size: int = 512, batch_seconds: float = 120.0, force: bool = False, progress: bool = True,
-            workers: int = 4) -> Summary:
+            workers: int = 4, speakers: str = "manifest") -> Summary:
     """Prepare a manifest's corpus into `out_dir` (see the module docstring) -> its Summary.
 
     Args:
@@ -242,6 +254,10 @@ def prepare(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         force: discard whatever out_dir holds and prepare from scratch.
         progress: show a tqdm bar and print the summary.
         workers: threads that load and resample audio.
+        speakers: "manifest" keeps the manifest's speaker ids; "roles" renumbers them per conversation in order of
+            first appearance (0, 1, ...), as CSM's speaker ids are conversation roles, so a model must take a
+            speaker's voice from the context audio (voice prompting) rather than from a global id. The manifest's
+            id is kept as `extra["voice_id"]`.
     """
     k = codec.num_codebooks if num_codebooks is None else num_codebooks
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codec.config.num_quantizers:
@@ -252,10 +268,15 @@ def prepare(manifest_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         raise PrepareError(f"audio_vocab_size {audio_vocab_size} < codec codebook_size {codec.config.codebook_size}")
     if shard_size < 1 or batch_seconds <= 0:
         raise PrepareError("shard_size and batch_seconds must be positive")
+    if speakers not in ("manifest", "roles"):
+        raise PrepareError(f"speakers must be 'manifest' or 'roles', got {speakers!r}")
     utts = read_manifest(manifest_path)
+    if speakers == "roles":
+        utts = conversation_roles(utts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {"format": FORMAT_VERSION, "codec": codec_fingerprint(codec), "num_codebooks": k,
+                   "speakers": speakers,
                    "format_sha256": fmt.fingerprint(), "manifest_sha256": _manifest_fingerprint(utts),
                    "shard_size": shard_size}
     _check_out_dir(out, fingerprint, force)
