@@ -17,12 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from recipe_outputs import losses, result
 
 from csm_jax import load_audio
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.mimi import Mimi
-from csm_jax.training.codec import (AudioBank, CodecOptimConfig, CodecProgram, CodecTrainConfig, RVQConfig,
-                                    init_ema, prepare_audio, quantize, update_ema, with_codebooks)
+from csm_jax.training.codec import (
+    AudioBank,
+    CodecOptimConfig,
+    CodecProgram,
+    CodecTrainConfig,
+    RVQConfig,
+    init_ema,
+    prepare_audio,
+    quantize,
+    update_ema,
+    with_codebooks,
+)
 from csm_jax.training.codec import losses as L
 from csm_jax.training.mesh import MeshConfig, make_train_mesh
 
@@ -155,19 +166,6 @@ def run(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode:
         raise AssertionError(f"train_codec failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def result(proc: subprocess.CompletedProcess) -> dict[str, Any]:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            out[record["step"]] = record["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

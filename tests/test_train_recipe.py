@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recipe_outputs import losses, result
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's run
@@ -30,21 +31,6 @@ def run(script: str, *overrides: str, check: bool = True) -> subprocess.Complete
     if check and proc.returncode:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def result(proc: subprocess.CompletedProcess) -> dict[str, Any]:
-    """The recipe's result: the JSON object on the last line of stdout."""
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    """step -> train loss, the last record of each step (a resumed run logs re-run steps again)."""
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            out[record["step"]] = record["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
