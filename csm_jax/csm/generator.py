@@ -95,7 +95,7 @@ class Generator:
         for seg in context:
             if not isinstance(seg, Segment):
                 raise TypeError(f"context items must be csm_jax.Segment, got {type(seg).__name__}")
-            parts.append(fmt.turn_rows(fmt.text_ids(seg.text, seg.speaker), None))
+            parts.append(fmt.text_rows(seg.text, seg.speaker))
             if seg.audio is not None:
                 parts.append(self.audio_rows(seg.audio))
         parts.append(fmt.text_rows(text, speaker))
