@@ -29,8 +29,8 @@ from csm_jax.default_model import byte_tokenizer
 from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, train
 
 log = logging.getLogger(__name__)
-TOP_KEYS = {"model", "codec", "data", "optim", "train", "mesh", "distributed", "evaluate", "paths", "workdir",
-            "seed"}
+TOP_KEYS = {"model", "codec", "data", "optim", "train", "mesh", "distributed", "evaluate", "export", "paths",
+            "workdir", "seed"}
 
 
 def check_keys(cfg: dict[str, Any]) -> None:
@@ -183,7 +183,7 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
                        e.get("eval_batches"), full)
     out = Path(cfg["workdir"]) / "eval" / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)
-    gen = Generator(params, mc, mimi, fmt.tokenizer, frontend=fmt.frontend)
+    gen = Generator(params, mc, mimi, fmt.tokenizer, frontend=fmt.frontend, max_context_turns=fmt.max_context_turns)
     samples, texts, real = [], [], []
     for i in range(min(int(e["samples"]), len(eval_set))):
         entry = eval_set[i]
@@ -214,6 +214,64 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
         result["wer_codec_resynthesis"] = asr.wer(real, texts)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def trained_generator(cfg: dict[str, Any], which: str | int = "best") -> tuple[Generator, int]:
+    """The run's checkpoint `which` with its codec and prompt format, ready to speak -> (generator, step)."""
+    mc, fmt = model_config(cfg), prompt_format(cfg)
+    params, step = restore_params(cfg, which)
+    return Generator(params, mc, codec(cfg), fmt.tokenizer, frontend=fmt.frontend,
+                     max_context_turns=fmt.max_context_turns), step
+
+
+def run_voice_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`csm_jax.evaluation.voice.evaluate_voice` of the run's checkpoint `evaluate.checkpoint` (or of the exported
+    model `evaluate.model`, any `load_csm` path) on the corpus's held-out sentences and conversations; writes
+    wavs and voice_eval.json to <workdir>/eval/voice_<step or model name>/."""
+    from csm_jax.csm.generator import load_csm
+    from csm_jax.data.loader import held_out_conversations
+    from csm_jax.data.manifest import read_manifest
+    from csm_jax.evaluation.voice import VoiceEvalConfig, evaluate_voice
+
+    check_keys(cfg)
+    e = cfg["evaluate"]
+    if e.get("model"):
+        gen, tag = load_csm(e["model"]), Path(e["model"]).name
+    else:
+        gen, step = trained_generator(cfg, e.get("checkpoint", "best"))
+        tag = f"step_{step}"
+    manifest = Path(cfg["data"]["manifest"])
+    heldout = manifest.parent / "heldout.txt"
+    if not heldout.is_file():
+        raise FileNotFoundError(f"{heldout}: the voice evaluation needs the speech corpus's held-out sentences")
+    utterances = read_manifest(manifest)
+    held = held_out_conversations({u.conversation for u in utterances}, int(cfg["data"]["eval_conversations"]),
+                                  int(cfg.get("seed", 0)))
+    sentences = [line.strip() for line in heldout.read_text().splitlines() if line.strip()]
+    result = evaluate_voice(gen, sentences, [u for u in utterances if u.conversation in held],
+                            [u.text for u in utterances if u.conversation not in held],
+                            from_dict(VoiceEvalConfig, dict(e.get("voice") or {}), "evaluate.voice."),
+                            Path(cfg["workdir"]) / "eval" / f"voice_{tag}")
+    return {k: v for k, v in result.items() if k != "items"} | {"model": tag}
+
+
+def run_export(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's checkpoint `export.checkpoint` with its codec, tokenizer and prompt settings -> `export.dir`, a
+    transformers CSM directory (`load_csm` and `CsmForConditionalGeneration.from_pretrained` read it) with weights
+    in `export.dtype`; `prompt.json` records the text front end and context rule the model was trained with."""
+    from csm_jax.csm.export import export_transformers
+    from csm_jax.csm.prompt import PROMPT_FILE
+
+    check_keys(cfg)
+    x = cfg["export"]
+    gen, step = trained_generator(cfg, x.get("checkpoint", "best"))
+    fmt = gen.prompt_format()
+    out = export_transformers(gen.params, gen.cfg, x["dir"], codec=gen.codec, tokenizer=fmt.tokenizer,
+                              dtype=x.get("dtype", "float32"),
+                              extra_files={PROMPT_FILE: json.dumps(fmt.settings(), indent=2) + "\n",
+                                           "STEP": f"{step}\n"})
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    return {"export": str(out), "step": step, "bytes": size}
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -253,3 +253,39 @@ def test_bad_inputs_fail_with_clear_errors(case: str, corpus: tuple[str, ...], t
     proc = run(*overrides, check=False)
     assert proc.returncode != 0
     assert expect in proc.stdout + proc.stderr, (proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_frozen_codes_keep_encoder_and_codebooks_while_the_decoder_trains(bank: AudioBank) -> None:
+    cfg = CodecTrainConfig(max_steps=6, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4), freeze_codes_at=3,
+                           optim=CodecOptimConfig(learning_rate=3e-3, warmup_steps=1))
+    program = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
+    state = program.init_state(0)
+    audio = bank.crops(0, 4, program.segment)
+    snapshots = {}
+    for step in range(6):
+        state, _ = program.train_step(state, step, bank.crops(step, 4, program.segment))
+        snapshots[step + 1] = jax.device_get(state)
+    before, after = snapshots[3], snapshots[6]
+    for name in ("encoder", "encoder_transformer", "downsample"):
+        jax.tree.map(np.testing.assert_array_equal, before.params["mimi"][name], after.params["mimi"][name])
+    jax.tree.map(np.testing.assert_array_equal, before.ema, after.ema)
+    codes = [np.asarray(program.codec(s).encode(audio)) for s in (before, after)]
+    np.testing.assert_array_equal(*codes)
+    for name in ("decoder", "decoder_transformer", "upsample"):  # the decoder side still trains
+        moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before.params["mimi"][name],
+                                             after.params["mimi"][name]))
+        assert any(moved), name
+    assert not np.array_equal(np.asarray(snapshots[2].ema["acoustic"]["embed_sum"]),
+                              np.asarray(before.ema["acoustic"]["embed_sum"]))  # EMA moved before the freeze
+
+
+def test_stages_not_yet_reached_may_move_on_resume() -> None:
+    from csm_jax.training.codec.trainer import ConfigMismatch, check_resume
+
+    saved = CodecTrainConfig(max_steps=100, adversarial_start=50, freeze_codes_at=None)
+    meta = {"step": 40, "config": saved.to_dict(), "codec_config": TINY.to_dict()}
+    check_resume(meta, CodecTrainConfig(max_steps=200, adversarial_start=60, freeze_codes_at=45), TINY)
+    with pytest.raises(ConfigMismatch, match="freeze_codes_at: None -> 30"):
+        check_resume(meta, CodecTrainConfig(max_steps=100, adversarial_start=50, freeze_codes_at=30), TINY)
+    with pytest.raises(ConfigMismatch, match="adversarial_start: 50 -> 20"):
+        check_resume(meta, CodecTrainConfig(max_steps=100, adversarial_start=20), TINY)

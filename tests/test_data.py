@@ -170,8 +170,12 @@ def test_out_dir_prepared_with_another_config(prepared, corpus, codec, fmt, tmp_
         prepare(corpus, out, codec, fmt, 4, shard_size=SHARD_SIZE, progress=False)
     other_weights = MimiCodec(
         {**codec.params, "downsample": {"kernel": codec.params["downsample"]["kernel"] * 1.01}}, codec.config)
-    with pytest.raises(PrepareError, match="different codec weights"):
+    with pytest.raises(PrepareError, match="different codec encoder weights"):
         _prep(corpus, out, other_weights, fmt)
+    # A decoder that trained further leaves the codes as they were: the prepared dataset stays valid.
+    decoder_tuned = MimiCodec({**codec.params, "upsample": {"kernel": codec.params["upsample"]["kernel"] * 1.01}},
+                              codec.config)
+    _prep(corpus, out, decoder_tuned, fmt)
     other_config = MimiCodec(codec.params, codec.config.replace(sliding_window=100))
     with pytest.raises(PrepareError, match="different codec config"):
         _prep(corpus, out, other_config, fmt)

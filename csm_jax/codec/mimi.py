@@ -14,6 +14,17 @@ from csm_jax.codec.seanet import SEANetDecoder, SEANetEncoder
 from csm_jax.codec.transformer import Transformer
 
 
+# The submodules (and quantizer parameters) that determine the codes; the rest (the quantizer's output projections,
+# upsampling, decoder transformer, SEANet decoder) only turn codes into audio.
+ENCODER_MODULES = ("encoder", "encoder_transformer", "downsample")
+ENCODER_QUANTIZER_PARAMS = ("input_proj", "codebooks")
+
+
+def determines_codes(keys: tuple[str, ...]) -> bool:
+    """Whether the Mimi parameter at path `keys` (e.g. ("quantizer", "acoustic", "codebooks")) affects encoding."""
+    return keys[0] in ENCODER_MODULES or (keys[0] == "quantizer" and any(k in ENCODER_QUANTIZER_PARAMS for k in keys))
+
+
 class Mimi(nn.Module):
     cfg: MimiConfig
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from typing import Protocol
 
@@ -42,7 +43,10 @@ class EspeakPhonemes:
         EspeakWrapper.set_library(espeakng_loader.get_library_path())
         EspeakWrapper.set_data_path(espeakng_loader.get_data_path())
         self.name = f"espeak:{voice}"
-        self._backend = EspeakBackend(voice, preserve_punctuation=True, with_stress=True)
+        # phonemizer warns "words count mismatch" whenever punctuation is kept; the phonemes are right
+        quiet = logging.getLogger("csm_jax.frontend.phonemizer")
+        quiet.setLevel(logging.ERROR)
+        self._backend = EspeakBackend(voice, preserve_punctuation=True, with_stress=True, logger=quiet)
         self._lock = threading.Lock()  # the eSpeak library is not re-entrant
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019  (one instance per voice, kept for the process)

@@ -27,7 +27,7 @@ from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.engine import Engine
 from csm_jax.csm.frontend import TextFrontend
-from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat
+from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat, read_prompt_settings
 from csm_jax.csm.weights import load_csm_params
 
 FRAME_MS = 80
@@ -47,10 +47,11 @@ class Generator:
 
     def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
                  tokenizer: Tokenizer | None = None, num_codebooks: int | None = None, mesh: Mesh | None = None,
-                 rules: sharding.Rules = sharding.DEFAULT_RULES, frontend: str | TextFrontend | None = None):
+                 rules: sharding.Rules = sharding.DEFAULT_RULES, frontend: str | TextFrontend | None = None,
+                 max_context_turns: int = 16):
         self.cfg, self.codec, self.tokenizer = cfg, codec, tokenizer
         self.format = None if tokenizer is None else PromptFormat(tokenizer, cfg.num_codebooks, cfg.audio_vocab_size,
-                                                                   frontend)
+                                                                   frontend, max_context_turns)
         self.mesh, self.rules = mesh, rules
         self.params = params if mesh is not None else jax.device_put(params)  # one device copy for all engines
         self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
@@ -203,8 +204,8 @@ class Generator:
 def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, num_codebooks: int | None = None,
              dtype: str | None = None, mesh: Mesh | None = None,
              rules: sharding.Rules = sharding.DEFAULT_RULES) -> Generator:
-    """A Generator from a transformers CSM dir (with `tokenizer.json` and `codec_model.*` when present), an
-    original Sesame checkpoint, or a converted dir. `codec` overrides where Mimi comes from."""
+    """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json` and `codec_model.*` when
+    present), an original Sesame checkpoint, or a converted dir. `codec` overrides where Mimi comes from."""
     path = Path(path)
     params, cfg = load_csm_params(path)
     if dtype is not None:
@@ -229,4 +230,8 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
             warnings.warn(f"{path}: bundled codec has {codec.config.num_quantizers} codebooks, CSM needs "
                           f"{cfg.num_codebooks}; audio APIs are disabled (pass codec=...)", stacklevel=2)
             codec = None
-    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules)
+    try:
+        prompt = read_prompt_settings(root)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules, **prompt)

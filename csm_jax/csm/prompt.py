@@ -13,7 +13,10 @@ with a `PromptFormat`, so a model is served exactly as it was trained.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -22,6 +25,25 @@ from csm_jax.csm.frontend import TextFrontend, make_frontend
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 Rows = tuple[np.ndarray, np.ndarray]  # tokens int32 [S, K+1], mask bool [S, K+1]
+# A checkpoint's prompt settings (beside its tokenizer.json): {"frontend": ..., "max_context_turns": ...}, what the
+# model was trained with. Checkpoints without it (e.g. the official CSM-1B) use plain text and 16 context turns.
+PROMPT_FILE = "prompt.json"
+PROMPT_KEYS = ("frontend", "max_context_turns")
+
+
+def read_prompt_settings(directory: str | Path) -> dict[str, Any]:
+    """`<directory>/prompt.json` as PromptFormat keyword arguments ({} when there is none); bad files raise."""
+    path = Path(directory) / PROMPT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    unknown = set(settings) - set(PROMPT_KEYS) if isinstance(settings, dict) else {"(not an object)"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {list(PROMPT_KEYS)}")
+    return settings
 
 
 class PromptFormat:
@@ -44,6 +66,10 @@ class PromptFormat:
         """The same format with another context turn limit."""
         return PromptFormat(self.tokenizer, self.num_codebooks, self.audio_vocab_size, self.frontend,
                             max_context_turns)
+
+    def settings(self) -> dict[str, Any]:
+        """What `PROMPT_FILE` stores for this format (the tokenizer is saved apart, as tokenizer.json)."""
+        return {"frontend": self.frontend.name, "max_context_turns": self.max_context_turns}
 
     def fingerprint(self) -> str:
         """Identifies the text ids this format produces: the tokenizer's JSON and the front end."""

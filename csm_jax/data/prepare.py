@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from csm_jax.audio.processor import AudioError, load_audio
 from csm_jax.codec.codec import MimiCodec
+from csm_jax.codec.mimi import determines_codes
 from csm_jax.csm.prompt import PromptFormat
 from csm_jax.data.manifest import Utterance, read_manifest
 
@@ -101,14 +102,16 @@ def _sha256(data: bytes) -> str:
 
 
 def codec_fingerprint(codec: MimiCodec) -> dict[str, Any]:
-    """The codec's config and a hash of its weights (path, dtype, shape and bytes of every parameter)."""
+    """The codec's config and a hash of the weights that determine its codes (path, dtype, shape and bytes of every
+    encoder-side parameter), so a codec whose decoder trained further still reads the same prepared codes."""
     h = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(codec.params)[0]
+    leaves = [(p, x) for p, x in leaves if determines_codes(tuple(str(getattr(k, "key", k)) for k in p))]
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
         arr = np.asarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
-    return {"config": codec.config.to_dict(), "params_sha256": h.hexdigest()}
+    return {"config": codec.config.to_dict(), "encoder_sha256": h.hexdigest()}
 
 
 def _manifest_fingerprint(utterances: list[Utterance]) -> str:
@@ -148,7 +151,7 @@ def _check_out_dir(out: Path, fingerprint: dict[str, Any], force: bool) -> None:
             for k in keys:
                 if k == "codec":
                     old, new = previous.get(k) or {}, fingerprint[k]
-                    details.append("codec config" if old.get("config") != new["config"] else "codec weights")
+                    details.append("codec config" if old.get("config") != new["config"] else "codec encoder weights")
                 elif k == "format_sha256":
                     details.append("prompt format (tokenizer or text front end)")
                 elif k in ("num_codebooks", "shard_size", "format"):

@@ -1,7 +1,7 @@
 """Evaluation beyond the loss: intelligibility of generated speech, signal-level codec metrics, pitch and speaker
 similarity."""
 
-from csm_jax.evaluation.intelligibility import Intelligibility, normalize
+from csm_jax.evaluation.intelligibility import Intelligibility, normalize, word_error_rate
 from csm_jax.evaluation.pitch import f0_error, f0_track
 from csm_jax.evaluation.signal import mel_distance, mel_filterbank, si_snr, stft_magnitude
 from csm_jax.evaluation.speaker import closer_to_prompt, feature_scale, speaker_distance, speaker_features
@@ -19,4 +19,5 @@ __all__ = [
     "speaker_distance",
     "speaker_features",
     "stft_magnitude",
+    "word_error_rate",
 ]

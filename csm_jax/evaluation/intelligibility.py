@@ -77,6 +77,11 @@ class Intelligibility:
         """Corpus-level word error rate of the transcripts of `audios` against `texts`."""
         if len(audios) != len(texts) or not texts:
             raise ValueError(f"need as many texts as audios (>= 1), got {len(texts)} and {len(audios)}")
-        refs = [normalize(t) for t in texts]
-        hyps = [self.transcribe(a, sample_rate) for a in audios]
-        return float(jiwer.wer(refs, hyps))
+        return word_error_rate(texts, [self.transcribe(a, sample_rate) for a in audios])
+
+
+def word_error_rate(texts: Sequence[str], transcripts: Sequence[str]) -> float:
+    """Corpus-level word error rate of `transcripts` against the reference `texts` (both normalised)."""
+    if len(texts) != len(transcripts) or not texts:
+        raise ValueError(f"need as many transcripts as texts (>= 1), got {len(transcripts)} and {len(texts)}")
+    return float(jiwer.wer([normalize(t) for t in texts], [normalize(h) for h in transcripts]))

@@ -42,6 +42,9 @@ class DistillConfig:
 
 
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
+# SCHEDULE_CHANGES are steps at which a stage starts: they may change on resume while neither the saved nor the new
+# step has been reached (the change acts only on the future, so the run so far stays what it was).
+SCHEDULE_CHANGES = frozenset({"adversarial_start", "freeze_codes_at"})
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "eval_every", "eval_utterances", "eval_max_seconds",
                                "eval_asr", "checkpoint_every", "max_to_keep", "keep_best", "async_checkpointing",
                                "progress", "tensorboard", "resume"})
@@ -51,7 +54,9 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "eval_every", "eval_utt
 class CodecTrainConfig:
     """max_steps: generator updates in all; batch_size x segment_frames codec frames of audio per step;
     adversarial_start: step from which the discriminator trains and the adversarial/feature losses apply
-    (None: never); losses: weights by name (unknown names are errors; missing names take LOSS_WEIGHTS);
+    (None: never); freeze_codes_at: step from which what makes the codes (encoder, encoder transformer,
+    downsampling, quantizer input projections, EMA codebooks) stays fixed and only the decoder side trains, so a
+    CSM can train on the codes while the decoder keeps improving (None: never); losses: weights by name (unknown names are errors; missing names take LOSS_WEIGHTS);
     eval_every / eval_utterances / eval_max_seconds: held-out resynthesis metrics (mel distance, SI-SNR, F0
     error; word error rate with eval_asr)."""
 
@@ -60,6 +65,7 @@ class CodecTrainConfig:
     batch_size: int = 8
     segment_frames: int = 12
     adversarial_start: int | None = None
+    freeze_codes_at: int | None = None
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     rvq: RVQConfig = RVQConfig()
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
@@ -88,14 +94,20 @@ class CodecTrainConfig:
             raise ValueError("codec loss weights must be >= 0")
         if self.max_steps < 1 or self.batch_size < 1 or self.segment_frames < 1:
             raise ValueError("max_steps, batch_size and segment_frames must be >= 1")
-        if self.adversarial_start is not None and self.adversarial_start < 0:
-            raise ValueError("adversarial_start must be >= 0 or null")
+        for name in SCHEDULE_CHANGES:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 or null")
         if (self.distill.teacher is None) != (self.distill.dim == 0):
             raise ValueError("distill.teacher and distill.dim (> 0) go together")
 
     @property
     def weights(self) -> dict[str, float]:
         return LOSS_WEIGHTS | {k: float(v) for k, v in self.losses.items()}
+
+    def stage(self, step: int) -> tuple[bool, bool]:
+        """(adversarial, codes frozen) for the update that starts at `step`."""
+        on = lambda start: start is not None and step >= start
+        return on(self.adversarial_start), on(self.freeze_codes_at)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

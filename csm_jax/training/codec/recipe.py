@@ -21,8 +21,8 @@ from csm_jax.training.codec.rvq import HALVES
 from csm_jax.training.codec.trainer import restore_codec, train_codec
 
 log = logging.getLogger(__name__)
-TOP_KEYS = {"codec", "data", "codec_train", "codec_audio", "workdir", "export", "mesh", "distributed", "paths",
-            "seed"}
+TOP_KEYS = {"codec", "data", "codec_train", "codec_audio", "workdir", "export", "export_checkpoint", "mesh",
+            "distributed", "paths", "seed"}
 
 
 def codec_config(cfg: dict[str, Any]) -> MimiConfig:
@@ -67,6 +67,13 @@ def run_codec_training(cfg: dict[str, Any]) -> dict[str, Any]:
     summary = train_codec(tc, mc, train_bank, eval_bank, cfg["workdir"], asr)
     summary["export"] = str(export_codec(cfg, "best"))
     return summary
+
+
+def export_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Export the run's checkpoint `export_checkpoint` ("best", "latest" or a step) -> {"export": dir, "step": n}."""
+    _check_keys(cfg)
+    out = export_codec(cfg, cfg.get("export_checkpoint") or "best")
+    return {"export": str(out), "step": int((out / "STEP").read_text())}
 
 
 def export_codec(cfg: dict[str, Any], which: str | int = "best") -> Path:

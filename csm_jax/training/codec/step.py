@@ -1,8 +1,8 @@
 """The codec training step: Mimi encoder -> EMA split RVQ -> decoder, reconstruction + commitment (+ distillation)
 losses, then (from `adversarial_start`) the MS-STFT discriminator's hinge update and the generator's adversarial
-and feature-matching terms. Jitted on a (data, fsdp, tensor) mesh: the batch is split over data x fsdp, the codec
-and discriminator (a few million parameters) are replicated. Two compiled variants (with and without the
-adversarial stage) keep the step free of conditionals.
+and feature-matching terms; from `freeze_codes_at` only the decoder side trains (the codes stay fixed). Jitted on a
+(data, fsdp, tensor) mesh: the batch is split over data x fsdp, the codec and discriminator (a few million
+parameters) are replicated. One compiled variant per stage keeps the step free of conditionals.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
-from csm_jax.codec.mimi import Mimi
+from csm_jax.codec.mimi import Mimi, determines_codes
 from csm_jax.training.codec import losses as L
 from csm_jax.training.codec.config import CodecTrainConfig
 from csm_jax.training.codec.discriminator import MultiScaleSTFTDiscriminator
@@ -41,6 +41,13 @@ def strip_codebooks(mimi_params: dict[str, Any]) -> dict[str, Any]:
     """Mimi params without `quantizer/{semantic,acoustic}/codebooks` (those come from the EMA)."""
     q = {half: {k: v for k, v in mimi_params["quantizer"][half].items() if k != "codebooks"} for half in HALVES}
     return dict(mimi_params) | {"quantizer": q}
+
+
+def _frozen(path: tuple[Any, ...]) -> bool:
+    """Whether the param at `path` (into {"mimi": ..., "distill": ...}) determines the codes (the codebooks
+    themselves are EMA state, frozen by skipping the EMA step)."""
+    keys = tuple(p.key for p in path)
+    return keys[0] == "mimi" and determines_codes(keys[1:])
 
 
 def _optimizer(lr: float, cfg: CodecTrainConfig, clip: float) -> optax.GradientTransformation:
@@ -68,7 +75,7 @@ class CodecProgram:
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         self.weights = cfg.weights
         self._init = jax.jit(self._make_state, out_shardings=self.replicated)
-        self._steps = {adv: jax.jit(self._step_fn(adv), donate_argnums=0) for adv in (False, True)}
+        self._steps: dict[tuple[bool, bool], Callable[..., Any]] = {}
         self.abstract_state = jax.eval_shape(self._make_state, jax.random.key(0))
 
     # state ----------------------------------------------------------------------------------------------------
@@ -100,11 +107,13 @@ class CodecProgram:
         return MimiCodec(params, self.codec_cfg, num_codebooks)
 
     # step -----------------------------------------------------------------------------------------------------
-    def _forward(self, params: Any, ema: Any, audio: jax.Array, key: jax.Array, teacher: jax.Array | None
-                 ) -> tuple[jax.Array, dict[str, Any], dict[str, jax.Array]]:
+    def _forward(self, params: Any, ema: Any, audio: jax.Array, key: jax.Array, teacher: jax.Array | None,
+                 frozen: bool = False) -> tuple[jax.Array, dict[str, Any], dict[str, jax.Array]]:
         """-> (reconstruction [B, N], rvq aux, reconstruction/commit/distill loss terms)."""
         mimi = with_codebooks(params["mimi"], ema)
         latent = self.model.apply({"params": mimi}, audio, method=Mimi.encode_latent)
+        if frozen:
+            latent = jax.lax.stop_gradient(latent)
         quantized, aux = quantize(mimi["quantizer"], ema, latent, self.codec_cfg, self.cfg.rvq, key)
         feats = self.model.apply({"params": mimi}, quantized, method=Mimi.latent_features)
         recon = self.model.apply({"params": mimi}, feats, method=Mimi.vocode)[:, : audio.shape[1]]
@@ -124,7 +133,7 @@ class CodecProgram:
             terms["distill"] = jnp.mean(1.0 - cos)
         return recon, aux, terms
 
-    def _step_fn(self, adversarial: bool) -> Callable[..., tuple[CodecState, dict[str, Any]]]:
+    def _step_fn(self, adversarial: bool, frozen: bool) -> Callable[..., tuple[CodecState, dict[str, Any]]]:
         w = self.weights
 
         def step(state: CodecState, audio: jax.Array, teacher: jax.Array | None
@@ -133,7 +142,7 @@ class CodecProgram:
             n_adv = self.cfg.discriminator.batch or audio.shape[0]
 
             def gen_loss(params: Any) -> tuple[jax.Array, Any]:
-                recon, aux, terms = self._forward(params, state.ema, audio, key, teacher)
+                recon, aux, terms = self._forward(params, state.ema, audio, key, teacher, frozen)
                 if adversarial:
                     fake_logits, fake_feats = self.disc.apply({"params": state.disc_params}, recon[:n_adv])
                     _, real_feats = self.disc.apply({"params": state.disc_params}, audio[:n_adv])
@@ -144,8 +153,13 @@ class CodecProgram:
 
             (total, (recon, aux, terms)), grads = jax.value_and_grad(gen_loss, has_aux=True)(state.params)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            if frozen:
+                updates = jax.tree_util.tree_map_with_path(
+                    lambda path, u: jnp.zeros_like(u) if _frozen(path) else u, updates)
             params = optax.apply_updates(state.params, updates)
             ema, rvq_metrics = update_ema(state.ema, aux, self.cfg.rvq)
+            if frozen:
+                ema = state.ema
             metrics = {"loss": total, "grad_norm": optax.global_norm(grads), **terms, **rvq_metrics}
             disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
             if adversarial:
@@ -170,8 +184,10 @@ class CodecProgram:
                    ) -> tuple[CodecState, dict[str, Any]]:
         """Update `step` (= state.step, passed so the host never waits for the device) on audio float32
         [B, segment] (teacher features [B, frames, dim] with distillation)."""
-        adversarial = self.cfg.adversarial_start is not None and step >= self.cfg.adversarial_start
+        stage = self.cfg.stage(step)
+        if stage not in self._steps:
+            self._steps[stage] = jax.jit(self._step_fn(*stage), donate_argnums=0)
         audio = jax.device_put(audio, self.batch_sharding)
         if teacher is not None:
             teacher = jax.device_put(teacher, self.batch_sharding)
-        return self._steps[adversarial](state, audio, teacher)
+        return self._steps[stage](state, audio, teacher)

@@ -2,7 +2,8 @@
 
 Batches depend only on (seed, step) and the step's PRNG key on (state.rng, step), so a run killed at any point
 and restarted from its latest checkpoint reproduces the uninterrupted run's losses bit for bit. A resumed run
-must have the same settings as the checkpoint, except those in `RESUMABLE_CHANGES` (e.g. max_steps).
+must have the same settings as the checkpoint, except those in `RESUMABLE_CHANGES` (e.g. max_steps) and stage
+starts (`SCHEDULE_CHANGES`) that neither run has reached.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
 from csm_jax.training.checkpointing import Checkpointer
-from csm_jax.training.codec.config import RESUMABLE_CHANGES, CodecTrainConfig
+from csm_jax.training.codec.config import RESUMABLE_CHANGES, SCHEDULE_CHANGES, CodecTrainConfig
 from csm_jax.training.codec.data import AudioBank
 from csm_jax.training.codec.step import CodecProgram, CodecState
 from csm_jax.training.mesh import make_train_mesh, maybe_initialize_distributed
@@ -45,12 +46,15 @@ def load_teacher(spec: str) -> Callable[[np.ndarray, int], np.ndarray]:
         raise ValueError(f"cannot load distillation teacher {spec!r}: {e}") from e
 
 
-def _diff(saved: Any, now: Any, where: str = "") -> list[str]:
+def _diff(saved: Any, now: Any, where: str = "", step: int = 0) -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         out = []
         for key in sorted(set(saved) | set(now)):
             if not where and key in RESUMABLE_CHANGES:
                 continue
+            if not where and key in SCHEDULE_CHANGES and all(
+                    v is None or v >= step for v in (saved.get(key), now.get(key))):
+                continue  # a stage that has not started yet may move
             out += _diff(saved.get(key), now.get(key), f"{where}{key}.")
         return out
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
@@ -59,7 +63,8 @@ def _diff(saved: Any, now: Any, where: str = "") -> list[str]:
 
 def check_resume(meta: dict[str, Any], cfg: CodecTrainConfig, codec_cfg: MimiConfig) -> None:
     """Raise ConfigMismatch naming every setting that differs from the checkpoint's."""
-    changes = _diff(meta["config"], cfg.to_dict()) + _diff(meta["codec_config"], codec_cfg.to_dict(), "codec.")
+    changes = _diff(meta["config"], cfg.to_dict(), step=int(meta["step"]))
+    changes += _diff(meta["codec_config"], codec_cfg.to_dict(), "codec.")
     if changes:
         raise ConfigMismatch("cannot resume: the settings differ from the checkpoint's (use a new workdir, or "
                              "restore them):\n  " + "\n  ".join(changes))
