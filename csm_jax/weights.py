@@ -4,6 +4,7 @@ Flax parameter; `convert` checks every one (missing, unexpected, mis-shaped) bef
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,22 @@ def transposed(path: str, key: str, shape: Shape) -> Entry:
 
 def same(path: str, key: str, shape: Shape) -> Entry:
     return Entry(path, ((key, shape),), lambda w: w)
+
+
+def invert(entry: Entry, value: np.ndarray) -> dict[str, np.ndarray]:
+    """Invert an entry whose `combine` only moves elements (transposes, reshapes, concatenations): the Flax value
+    -> {file key: float32 tensor in the file's layout}. `combine` is run on element indices to find where each
+    value came from; anything but a permutation of the sources' elements raises."""
+    sizes = [math.prod(shape) for _, shape in entry.sources]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    index = np.asarray(entry.combine(*(np.arange(o, o + n).reshape(shape)
+                                       for o, n, (_, shape) in zip(offsets, sizes, entry.sources))))
+    if index.shape != value.shape or index.size != total or np.bincount(index.ravel(), minlength=total).max() != 1:
+        raise AssertionError(f"the mapping {[k for k, _ in entry.sources]} -> {entry.path} is not a permutation")
+    flat = np.empty(total, np.float32)
+    flat[index.ravel()] = np.asarray(value, np.float32).ravel()
+    return {key: flat[o:o + n].reshape(shape) for o, n, (key, shape) in zip(offsets, sizes, entry.sources)}
 
 
 def rope_interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:

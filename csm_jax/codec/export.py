@@ -1,8 +1,8 @@
 """Write a codec as a transformers Mimi directory (`config.json` + `model.safetensors`, flat checkpoint keys, plain
 weights, no weight norm) that `transformers.MimiModel.from_pretrained` and `load_codec` read.
 
-The tensors are the inverse of the loader's mapping (`csm_jax.codec.weights`, transformers format): each
-one-tensor entry only moves elements, so it is inverted by running it on element indices. Codebooks are written
+The tensors are the inverse of the loader's mapping (`csm_jax.codec.weights`, transformers format): each entry
+only moves elements, so `csm_jax.weights.invert` undoes it. Codebooks are written
 in the official EMA form: `embed_sum` [bins, dim], `cluster_usage` [bins] and `initialized` [1] per level, with
 centroid = embed_sum / max(cluster_usage, 1e-5).
 """
@@ -23,7 +23,7 @@ from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.weights import _entries
-from csm_jax.weights import Entry
+from csm_jax.weights import invert
 
 EPS = 1e-5  # transformers' MimiEuclideanCodebook.epsilon
 HALVES = ("semantic", "acoustic")
@@ -89,18 +89,6 @@ def transformers_config(cfg: MimiConfig) -> dict[str, Any]:
     }
 
 
-def _torch_layout(entry: Entry, value: np.ndarray) -> tuple[str, np.ndarray]:
-    """Invert a one-tensor entry whose `combine` only moves elements: Flax value -> (file key, float32 tensor)."""
-    ((key, shape),) = entry.sources
-    size = math.prod(shape)
-    index = np.asarray(entry.combine(np.arange(size).reshape(shape)))  # index[p] = flat file position of value[p]
-    if index.shape != value.shape or index.size != size or np.bincount(index.ravel(), minlength=size).max() != 1:
-        raise AssertionError(f"the mapping {key} -> {entry.path} is not a permutation of elements")
-    out = np.empty(size, np.float32)
-    out[index.ravel()] = value.ravel()
-    return key, out.reshape(shape)
-
-
 def _ema_state(books: np.ndarray, ema_half: Any, half: str) -> tuple[np.ndarray, np.ndarray]:
     """(embed_sum float32 [K, bins, dim], cluster_usage float32 [K, bins]) for codebooks [K, bins, dim]."""
     if ema_half is None:
@@ -139,8 +127,7 @@ def transformers_tensors(
     out: dict[str, np.ndarray] = {}
     for entry in _entries(cfg, "hf", {path: value.shape for path, value in flat.items()}):
         if not entry.path.endswith("/codebooks"):
-            key, value = _torch_layout(entry, flat[entry.path])
-            out[key] = value
+            out.update(invert(entry, flat[entry.path]))
             continue
         half = entry.path.split("/")[1]
         embed_sum, usage = _ema_state(flat[entry.path], None if ema is None else ema[half], half)

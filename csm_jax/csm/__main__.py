@@ -4,6 +4,8 @@
         [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature 0.9] [--top-k 50]
         [--seed 0] [--num-codebooks 32]
     python -m csm_jax.csm convert SRC DST     # transformers / original checkpoint -> orbax dir (+ tokenizer, codec)
+    python -m csm_jax.csm export SRC DST [--dtype float16]   # any checkpoint -> transformers CSM dir
+        (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them)
 
 CKPT is anything `csm_jax.load_csm` reads; it defaults to $CSM_JAX_CSM.
 """
@@ -20,7 +22,9 @@ import soundfile as sf
 
 from csm_jax.audio import AudioError, load_audio
 from csm_jax.checkpoint import CheckpointError
+from csm_jax.csm.export import DTYPES, check_out_dir, export_transformers
 from csm_jax.csm.generator import Segment, load_csm
+from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.csm.weights import load_csm_params, save_converted
 
 
@@ -50,8 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("convert", help="write a converted orbax checkpoint")
     c.add_argument("input", type=Path)
     c.add_argument("output", type=Path)
+    e = sub.add_parser("export", help="write a transformers CSM directory (CsmForConditionalGeneration reads it)")
+    e.add_argument("input", type=Path)
+    e.add_argument("output", type=Path)
+    e.add_argument("--dtype", choices=list(DTYPES), default="float32", help="tensor dtype (default float32)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "export":
+            check_out_dir(args.output)  # before the (slow) load
+            gen = load_csm(args.input)
+            src = args.input if args.input.is_dir() else args.input.parent
+            extra = {PROMPT_FILE: (src / PROMPT_FILE).read_text()} if (src / PROMPT_FILE).is_file() else {}
+            out = export_transformers(gen.params, gen.cfg, args.output, codec=gen.codec, tokenizer=gen.tokenizer,
+                                      dtype=args.dtype, extra_files=extra)
+            print(f"wrote {out}")
+            return 0
         if args.command == "convert":
             params, cfg = load_csm_params(args.input)
             out = save_converted(args.output, params, cfg)

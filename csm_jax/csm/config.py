@@ -35,7 +35,10 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LlamaConfig":
-        rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 500_000.0)}
+        # transformers 5 writes `rope_parameters`; older configs a top-level `rope_theta` plus `rope_scaling`
+        legacy = dict(d.get("rope_scaling") or {})
+        legacy.setdefault("rope_type", legacy.pop("type", "default"))
+        rope = d.get("rope_parameters") or {**legacy, "rope_theta": d.get("rope_theta", 500_000.0)}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "llama3":
             scaling = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
