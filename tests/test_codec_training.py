@@ -289,3 +289,36 @@ def test_stages_not_yet_reached_may_move_on_resume() -> None:
         check_resume(meta, CodecTrainConfig(max_steps=100, adversarial_start=50, freeze_codes_at=30), TINY)
     with pytest.raises(ConfigMismatch, match="adversarial_start: 50 -> 20"):
         check_resume(meta, CodecTrainConfig(max_steps=100, adversarial_start=20), TINY)
+
+
+def test_a_run_starts_from_a_codec_and_trains_its_decoder_on_fixed_codes(bank: AudioBank, tmp_path: Path) -> None:
+    """codec_train.init: the weights and codebooks of a saved codec (here a briefly trained one), then decoder-only
+    training with the multi-period discriminator: the codes stay those of the source codec."""
+    from csm_jax import load_codec
+    from csm_jax.training.codec.discriminator import DiscriminatorConfig
+
+    base = CodecTrainConfig(max_steps=2, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4))
+    program = CodecProgram(TINY, base, make_train_mesh(base.mesh))
+    state = program.init_state(0)
+    for step in range(2):
+        state, _ = program.train_step(state, step, bank.crops(step, 4, program.segment))
+    program.codec(state).save(tmp_path / "source")
+    source = load_codec(tmp_path / "source")
+
+    cfg = CodecTrainConfig(max_steps=2, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4), adversarial_start=0,
+                           freeze_codes_at=0, init=str(tmp_path / "source"),
+                           discriminator=DiscriminatorConfig(filters=4, batch=2, periods=(2, 3)))
+    tuned = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
+    start = tuned.start_from(tuned.init_state(1), source)
+    audio = bank.crops(9, 4, tuned.segment)
+    np.testing.assert_array_equal(np.asarray(tuned.codec(start).encode(audio)), np.asarray(source.encode(audio)))
+    assert {"period_2", "period_3"} <= set(start.disc_params)
+    after = start
+    for step in range(2):
+        after, metrics = tuned.train_step(after, step, bank.crops(step, 4, tuned.segment))
+        assert np.isfinite(float(metrics["disc_loss"])) and np.isfinite(float(metrics["feature"]))
+    np.testing.assert_array_equal(np.asarray(tuned.codec(after).encode(audio)), np.asarray(source.encode(audio)))
+    assert not np.array_equal(np.asarray(tuned.codec(after).decode(source.encode(audio))),
+                              np.asarray(source.decode(source.encode(audio))))
+    with pytest.raises(ValueError, match="architecture differs from codec.config in .*num_filters"):
+        CodecProgram(TINY.replace(num_filters=4), cfg, make_train_mesh(cfg.mesh)).start_from(start, source)

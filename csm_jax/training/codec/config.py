@@ -52,16 +52,19 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "eval_every", "eval_utt
 
 @dataclasses.dataclass(frozen=True)
 class CodecTrainConfig:
-    """max_steps: generator updates in all; batch_size x segment_frames codec frames of audio per step;
+    """max_steps: generator updates in all; init: a Mimi checkpoint (anything `load_codec` reads: a trained run's
+    export, the official kyutai/mimi) whose weights and codebooks a new run starts from (fine-tuning; fresh
+    optimiser and discriminator); batch_size x segment_frames codec frames of audio per step;
     adversarial_start: step from which the discriminator trains and the adversarial/feature losses apply
     (None: never); freeze_codes_at: step from which what makes the codes (encoder, encoder transformer,
     downsampling, quantizer input projections, EMA codebooks) stays fixed and only the decoder side trains, so a
-    CSM can train on the codes while the decoder keeps improving (None: never); losses: weights by name (unknown names are errors; missing names take LOSS_WEIGHTS);
-    eval_every / eval_utterances / eval_max_seconds: held-out resynthesis metrics (mel distance, SI-SNR, F0
-    error; word error rate with eval_asr)."""
+    CSM can train on the codes while the decoder keeps improving (None: never); losses: weights by name (unknown
+    names are errors; missing names take LOSS_WEIGHTS); eval_every / eval_utterances / eval_max_seconds: held-out
+    resynthesis metrics (mel distance, SI-SNR, F0 error; word error rate with eval_asr)."""
 
     max_steps: int
     seed: int = 0
+    init: str | None = None
     batch_size: int = 8
     segment_frames: int = 12
     adversarial_start: int | None = None

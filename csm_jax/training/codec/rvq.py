@@ -54,6 +54,15 @@ def init_ema(cfg: MimiConfig) -> dict[str, Any]:
     return ema
 
 
+def ema_from_codebooks(params: dict[str, Any], cfg: MimiConfig) -> dict[str, Any]:
+    """EMA state whose centroids are exactly the codebooks of inference Mimi params (usage 1 per code)."""
+    ema: dict[str, Any] = {"initialized": jnp.ones((), jnp.bool_)}
+    for half in HALVES:
+        books = jnp.array(params["quantizer"][half]["codebooks"], jnp.float32)  # a copy
+        ema[half] = {"embed_sum": books, "cluster_usage": jnp.ones(books.shape[:2], jnp.float32)}
+    return ema
+
+
 def centroids(ema_half: dict[str, jax.Array]) -> jax.Array:
     """float32 [K, bins, dim] effective codebooks."""
     return ema_half["embed_sum"] / jnp.maximum(ema_half["cluster_usage"], EPS)[..., None]

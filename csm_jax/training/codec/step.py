@@ -22,8 +22,8 @@ from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.mimi import Mimi, determines_codes
 from csm_jax.training.codec import losses as L
 from csm_jax.training.codec.config import CodecTrainConfig
-from csm_jax.training.codec.discriminator import MultiScaleSTFTDiscriminator
-from csm_jax.training.codec.rvq import HALVES, init_ema, quantize, update_ema, with_codebooks
+from csm_jax.training.codec.discriminator import CodecDiscriminator
+from csm_jax.training.codec.rvq import HALVES, ema_from_codebooks, init_ema, quantize, update_ema, with_codebooks
 
 
 @flax.struct.dataclass
@@ -67,7 +67,7 @@ class CodecProgram:
         if cfg.batch_size % shards:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data x fsdp = {shards}")
         self.model = Mimi(codec_cfg)
-        self.disc = MultiScaleSTFTDiscriminator(cfg.discriminator)
+        self.disc = CodecDiscriminator(cfg.discriminator)
         self.tx = _optimizer(cfg.optim.learning_rate, cfg, cfg.optim.clip)
         self.disc_tx = _optimizer(cfg.optim.disc_learning_rate, cfg, cfg.optim.disc_clip)
         self.segment = cfg.segment_frames * codec_cfg.frame_size
@@ -100,6 +100,17 @@ class CodecProgram:
 
     def init_state(self, seed: int) -> CodecState:
         return self._init(jax.random.key(seed))
+
+    def start_from(self, state: CodecState, codec: MimiCodec) -> CodecState:
+        """`state` with the weights and codebooks of `codec` (same architecture) and a fresh optimiser state."""
+        mine, theirs = self.codec_cfg.replace(dtype="float32"), codec.config.replace(dtype="float32")
+        if mine != theirs:
+            diff = sorted(k for k, v in mine.to_dict().items() if theirs.to_dict().get(k) != v)
+            raise ValueError(f"codec_train.init: its architecture differs from codec.config in {diff}")
+        mimi = jax.tree.map(jnp.array, strip_codebooks(codec.params))  # copies: train steps donate the state
+        params = dict(state.params) | {"mimi": mimi}
+        return state.replace(params=params, ema=ema_from_codebooks(codec.params, self.codec_cfg),
+                             opt_state=self.tx.init(params))
 
     def codec(self, state: CodecState, num_codebooks: int | None = None) -> MimiCodec:
         """The inference codec of `state` (codebooks = EMA centroids)."""

@@ -135,6 +135,11 @@ def train_codec(cfg: CodecTrainConfig, codec_cfg: MimiConfig, train_bank: AudioB
             log.info("resumed from step %d (%s)", latest, checkpointer.directory)
         else:
             state = program.init_state(cfg.seed)
+            if cfg.init:
+                from csm_jax.codec.codec import load_codec
+
+                state = program.start_from(state, load_codec(cfg.init))
+                log.info("started from the codec %s", cfg.init)
         step = int(jax.device_get(state.step))
         summary.update(start_step=step, resumed=latest is not None)
         log.info("codec parameters: %d; discriminator: %d", _count(state.params), _count(state.disc_params))
