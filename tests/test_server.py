@@ -202,9 +202,14 @@ def test_cancel_and_disconnect_mid_stream(live_server: LiveServer) -> None:
         c = await Client.open(live_server.ws_url)
         await c.start()
         await c.send({"type": "say", "text": "A long answer.", "speaker": 0, "max_audio_ms": 20_000})
-        assert (await c.event())["type"] == "response.started"
+        started = await c.event()
+        assert started["type"] == "response.started"
         assert isinstance(await c.ws.recv(), bytes)
-        await c.send({"type": "cancel"})
+        await c.send({"type": "cancel", "response_id": "r-999"})  # not this response: nothing is cancelled
+        while isinstance(message := await c.ws.recv(), bytes):
+            pass
+        wrong = json.loads(message)
+        await c.send({"type": "cancel", "response_id": started["response_id"]})
         while isinstance(message := await c.ws.recv(), bytes):
             pass
         done = json.loads(message)
@@ -224,9 +229,10 @@ def test_cancel_and_disconnect_mid_stream(live_server: LiveServer) -> None:
             await asyncio.sleep(0.1)
         _, after, _ = await c.say("And still here.", max_audio_ms=160)
         await c.close()
-        return done, history, again, health, after
+        return wrong, done, history, again, health, after
 
-    done, history, again, health, after = run(go())
+    wrong, done, history, again, health, after = run(go())
+    assert wrong["type"] == "error" and wrong["code"] == "no_response" and "r-999" in wrong["message"]
     assert done["type"] == "response.done" and done["stop_reason"] == "cancelled" and done["turn_id"] is None
     assert done["frames"] < 250
     assert history["turns"] == []  # a cancelled response is not stored
@@ -255,6 +261,15 @@ BAD_INPUTS = [
     (b"\x00" * (1 << 20 | 1), "too_large"),
     ("[" + " " * (1 << 20) + "]", "too_large"),
     ({"type": "cancel"}, "no_response"),
+    # found by hostile testing: non-object JSON, ids that cannot be echoed, what json.loads refuses, lone
+    # surrogates, and a size limit counted in bytes
+    *[(text, "bad_json") for text in ("42", "1.5", "true", '"valid"', '["id"]')],
+    ('{"type": "history", "id": ' + "[" * 900 + "]" * 900 + "}", "bad_field"),
+    ("[" * 5000 + "]" * 5000, "bad_json"),
+    ('{"type": "say", "text": "hi", "speaker": 0, "seed": ' + "9" * 5000 + "}", "bad_json"),
+    ('{"type": "say", "text": "\\ud800", "speaker": 0}', "bad_field"),
+    ('{"type": "session.start", "conversation_id": "\\ud800"}', "bad_field"),
+    (json.dumps({"type": "say", "text": "\U0001F600" * 300_000, "speaker": 0}, ensure_ascii=False), "too_large"),
 ]
 
 
@@ -277,6 +292,7 @@ def test_bad_input_gets_clear_errors_and_loses_nothing(live_server: LiveServer) 
                                         encoding="float32"),
                      await c.send_audio(b"RIFF1234WAVEnonsense" * 10, 50, speaker=1, encoding="file")]
         long_audio = await c.send_audio(b"\x00\x00" * 16000 * 61, 16000 * 2 * 10, speaker=1, sample_rate=16000)
+        bad_audio.append(await c.send_audio(b"\x01\x00", 2, speaker=1, sample_rate=192_000))  # no 24 kHz sample
         _, last, _ = await c.say("After.", max_audio_ms=160)
         history = await c.request({"type": "history"})
         await c.close()
@@ -359,7 +375,13 @@ def test_http_serves_the_page_and_health(live_server: LiveServer) -> None:
     assert b"<html" in page.read().lower()
     health = json.loads(urllib.request.urlopen(live_server.http_url + "health").read())
     assert health["status"] == "ok"
-    for path in ("missing.js", "..%2F..%2Fpyproject.toml", "../pyproject.toml"):
+    for path in ("missing.js", "..%2F..%2Fpyproject.toml", "../pyproject.toml", "a" * 300, "b/" * 4000):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(live_server.http_url + path)
-        assert e.value.code == 404
+        assert e.value.code == 404 and b"Traceback" not in e.value.read()
+    head = urllib.request.urlopen(urllib.request.Request(live_server.http_url, method="HEAD"))
+    assert head.status == 200 and head.read() == b"" and int(head.headers["Content-Length"]) > 0
+    for method in ("POST", "PUT", "DELETE"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(live_server.http_url, method=method))
+        assert e.value.code == 405 and e.value.headers["Allow"] == "GET, HEAD"

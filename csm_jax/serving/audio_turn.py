@@ -57,6 +57,8 @@ class AudioTurn:
             pad = self.frame - len(self._buffer) % self.frame
             self._buffer = np.concatenate([self._buffer, np.zeros((pad,), np.float32)])
         self._encode_whole_frames()
+        if not self._codes:
+            raise AudioError("audio turn is too short: it makes no sample at 24 kHz")
         return np.stack(self._codes).astype(np.int32)
 
     def _encode_whole_frames(self) -> None:

@@ -83,10 +83,32 @@ def _float(msg: dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
+MAX_ID_CHARS = 256
+
+
+def _valid_id(value: Any) -> bool:
+    """Event ids the server echoes: short strings, ints of at most 64 bits, finite floats."""
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_CHARS and _is_unicode(value)
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and -(2**63) <= value < 2**63) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_unicode(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates ("\ud800") decode from JSON but are not text
+        return False
+    return True
+
+
 def _str(msg: dict[str, Any], name: str, max_chars: int, default: str | None = None) -> str:
     value = msg.get(name, default)
     if not isinstance(value, str):
         raise ProtocolError("bad_field", f"field {name!r} must be a string, got {type(value).__name__}")
+    if not _is_unicode(value):
+        raise ProtocolError("bad_field", f"field {name!r} is not valid Unicode (it has a lone surrogate)")
     if len(value) > max_chars:
         raise ProtocolError("text_too_long", f"field {name!r} has {len(value)} characters, over the limit of "
                                              f"{max_chars}")
@@ -111,8 +133,9 @@ class Connection:
         self.closed = False
 
     # io ----------------------------------------------------------------------------------------------------
-    def send(self, event: dict[str, Any], reply_to: dict[str, Any] | None = None) -> None:
-        if reply_to is not None and "id" in reply_to:
+    def send(self, event: dict[str, Any], reply_to: Any = None) -> None:
+        """Queue `event`, echoing the `id` of `reply_to` (the event it answers) when that is a valid id."""
+        if isinstance(reply_to, dict) and _valid_id(reply_to.get("id")):
             event = {**event, "id": reply_to["id"]}
         self.outbox.put_nowait(json.dumps(event))
 
@@ -145,18 +168,25 @@ class Connection:
     async def dispatch(self, message: str | bytes) -> None:
         msg: dict[str, Any] | None = None
         try:
-            if len(message) > self.limits.max_message_bytes:
-                raise ProtocolError("too_large", f"message of {len(message)} bytes is over the limit of "
+            size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8", "surrogatepass"))
+            if size > self.limits.max_message_bytes:
+                raise ProtocolError("too_large", f"message of {size} bytes is over the limit of "
                                                  f"{self.limits.max_message_bytes}; it was dropped")
             if isinstance(message, bytes):
                 await self.on_audio_chunk(message)
                 return
             try:
-                msg = json.loads(message)
+                parsed = json.loads(message)
             except json.JSONDecodeError as e:
                 raise ProtocolError("bad_json", f"not valid JSON: {e}") from None
-            if not isinstance(msg, dict):
-                raise ProtocolError("bad_json", f"an event must be a JSON object, got {type(msg).__name__}")
+            except (RecursionError, ValueError) as e:  # nesting too deep, an integer with too many digits
+                raise ProtocolError("bad_json", f"JSON the server does not accept: {type(e).__name__}") from None
+            if not isinstance(parsed, dict):
+                raise ProtocolError("bad_json", f"an event must be a JSON object, got {type(parsed).__name__}")
+            if "id" in parsed and not _valid_id(parsed["id"]):
+                raise ProtocolError("bad_field", f"field 'id' must be a string of at most {MAX_ID_CHARS} "
+                                                 "characters or a number")
+            msg = parsed
             kind = msg.get("type")
             handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
@@ -166,7 +196,7 @@ class Connection:
             self.error(e.code, e.message, msg)
         except Exception as e:  # a server fault must not take the connection down
             log.exception("event failed")
-            self.error("internal", f"{type(e).__name__}: {e}", msg)
+            self.error("internal", f"the server failed on this event ({type(e).__name__}); see its log", msg)
 
     # handlers ----------------------------------------------------------------------------------------------
     def _need_session(self) -> str:
@@ -180,9 +210,7 @@ class Connection:
         self.requests += 1
 
     async def on_session_start(self, msg: dict[str, Any]) -> None:
-        cid = msg.get("conversation_id")
-        if cid is not None and not isinstance(cid, str):
-            raise ProtocolError("bad_field", "field 'conversation_id' must be a string")
+        cid = None if msg.get("conversation_id") is None else _str(msg, "conversation_id", MAX_ID_CHARS)
         if self.request is not None or self.audio_turn is not None:
             raise ProtocolError("busy", "finish or cancel the current response / audio turn first")
         manager = self.service.manager
@@ -238,10 +266,16 @@ class Connection:
                 turn = await asyncio.to_thread(self.service.manager.add_turn, self.conversation_id, meta["speaker"],
                                                meta["text"], result.codes, "generated")
                 turn_id = turn.turn_id
+        except Exception as e:  # storage failed: the client must hear that the turn was not kept
+            log.exception("storing a generated turn failed")
+            self.error("storage_failed", f"the response was generated but could not be stored "
+                                         f"({type(e).__name__}); it is not part of the conversation", meta["reply_to"])
+            return
         finally:
             self.request, self.request_meta = None, {}
         if result.stop_reason == "error":
-            self.error("internal", f"generation failed: {result.error}", meta["reply_to"])
+            log.error("generation failed: %s", result.error)
+            self.error("internal", "generation failed; see the server log", meta["reply_to"])
             return
         audio_ms = result.frames * FRAME_MS
         elapsed = result.finished - result.started
@@ -254,6 +288,9 @@ class Connection:
     async def on_cancel(self, msg: dict[str, Any]) -> None:
         if self.request is None:
             raise ProtocolError("no_response", "no response is in progress")
+        wanted = msg.get("response_id")
+        if wanted is not None and wanted != self.request_meta.get("response_id"):
+            raise ProtocolError("no_response", f"response {wanted!r} is not in progress; nothing was cancelled")
         self.request.cancel()
 
     async def on_audio_start(self, msg: dict[str, Any]) -> None:
@@ -332,11 +369,24 @@ def _authorized(request: HttpRequest, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
+MAX_PATH_CHARS = 1024
+
+
 def make_process_request(service: Service, static_dir: Path):
     """HTTP routing before the WebSocket handshake: `/ws` (auth checked), `/health`, and the static web client."""
     root = static_dir.resolve()
 
     def process_request(connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        if request.method not in ("GET", "HEAD"):
+            response = _http(HTTPStatus.METHOD_NOT_ALLOWED, b"only GET and HEAD\n", "text/plain; charset=utf-8")
+            response.headers["Allow"] = "GET, HEAD"
+            return response
+        response = route(request)
+        if response is not None and request.method == "HEAD":
+            response.body = b""  # same headers (Content-Length of the GET body), no body
+        return response
+
+    def route(request: HttpRequest) -> HttpResponse | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
             token = service.config.server.token
@@ -346,9 +396,15 @@ def make_process_request(service: Service, static_dir: Path):
         if path == "/health":
             body = json.dumps({"status": "ok", "model": service.model_name, "active": service.scheduler.active})
             return _http(HTTPStatus.OK, body.encode(), "application/json")
-        file = (root / (path.lstrip("/") or "index.html")).resolve()
-        if not file.is_relative_to(root) or not file.is_file():
-            return _http(HTTPStatus.NOT_FOUND, f"not found: {path}\n".encode(), "text/plain; charset=utf-8")
+        not_found = _http(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+        if len(path) > MAX_PATH_CHARS:
+            return not_found
+        try:
+            file = (root / (path.lstrip("/") or "index.html")).resolve()
+            if not file.is_relative_to(root) or not file.is_file():
+                return not_found
+        except (OSError, ValueError):  # a segment over the file system's name limit, a NUL byte
+            return not_found
         ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript", "text/javascript"):
             ctype += "; charset=utf-8"
