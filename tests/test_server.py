@@ -318,6 +318,36 @@ def test_bad_input_gets_clear_errors_and_loses_nothing(live_server: LiveServer) 
     assert other_done["frames"] == len(frames) == 20
 
 
+def test_a_response_that_cannot_be_stored_ends_with_an_error(live_server: LiveServer) -> None:
+    """Another process holds the database's write lock past the server's busy timeout while a response finishes:
+    the client gets `storage_failed` (not silence), the connection carries on, and the history has no such turn."""
+
+    async def go() -> tuple[Any, ...]:
+        c = await Client.open(live_server.ws_url)
+        await c.start()
+        lock = sqlite3.connect(live_server.db_path, isolation_level=None, timeout=30)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            started = await c.request({"type": "say", "text": "Unsaved.", "speaker": 0, "max_audio_ms": 160,
+                                       "id": "lost"})
+            frames, message = 0, None
+            while isinstance(message := await asyncio.wait_for(c.ws.recv(), 120), bytes):
+                frames += 1
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        failed = json.loads(message)
+        _, after, _ = await c.say("Saved.", max_audio_ms=160)
+        history = await c.request({"type": "history"})
+        await c.close()
+        return started, frames, failed, after, history
+
+    started, frames, failed, after, history = run(go())
+    assert started["type"] == "response.started" and frames == 2
+    assert failed["type"] == "error" and failed["code"] == "storage_failed" and failed["id"] == "lost", failed
+    assert after["turn_id"] is not None and [t["text"] for t in history["turns"]] == ["Saved."]
+
+
 # ------------------------------------------------------------------------------------- durability, http ---
 def test_kill_9_loses_no_acknowledged_turn_and_auth(tmp_path: Path, xla_cache: Path) -> None:
     overrides = ("server.token=s3cret", "server.allowed_origins=[http://good.example]")
