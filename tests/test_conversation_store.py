@@ -228,3 +228,23 @@ def test_turn_survives_crash_after_add_turn(tmp_path, how):
     assert (t.speaker, t.text, t.index) == (3, "last words", 0)
     assert np.array_equal(t.codes, np.arange(24).reshape(3, 8))
     s.close()
+
+
+def test_damaged_or_unusable_files_fail_at_open(tmp_path):
+    path = tmp_path / "history.db"
+    store = SQLiteStore(path)
+    cid = store.create_conversation()
+    for i in range(200):  # several pages of turns
+        store.add_turn(cid, i % 2, "x" * 400, codes(20, 8, seed=i), "user")
+    store.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[3 * page: 5 * page] = b"\xa5" * (2 * page)  # two b-tree pages overwritten: the header still looks fine
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged|cannot open"):
+        SQLiteStore(path)
+    for empty in ("", "   "):
+        with pytest.raises(StoreError, match="path is empty"):
+            SQLiteStore(empty)
+    sqlite3.connect(tmp_path / "ok.db").close()
+    SQLiteStore(tmp_path / "ok.db").close()  # a healthy file opens (and takes the write probe)

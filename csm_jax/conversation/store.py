@@ -144,6 +144,9 @@ class SQLiteStore:
 
     def __init__(self, path: str | os.PathLike = ":memory:", busy_timeout_s: float = 10.0):
         self.path = str(path)
+        if not self.path.strip():
+            raise StoreError("the conversation store path is empty (sqlite would keep the history in a temporary "
+                             "file that is gone at restart); give a file path or ':memory:'")
         memory = self.path == ":memory:"
         if not memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -159,12 +162,24 @@ class SQLiteStore:
             if not memory:
                 c.execute("PRAGMA journal_mode = WAL")
             self._migrate()
+            if not memory:
+                self._check_usable()
         except sqlite3.Error as e:
             self.close()
             raise StoreError(f"cannot open conversation store {self.path}: {e}") from e
         except StoreError:
             self.close()
             raise
+
+    def _check_usable(self) -> None:
+        """Fail at open, not on the first request: the file must pass SQLite's quick check and take a write."""
+        with self._lock:
+            assert self._conn is not None
+            problem = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+        if problem != "ok":
+            raise StoreError(f"conversation store {self.path} is damaged (quick_check: {problem})")
+        with self._tx(immediate=True) as c:  # a real write (the header's schema version, unchanged)
+            c.execute(f"PRAGMA user_version = {c.execute('PRAGMA user_version').fetchone()[0]}")
 
     def _check_version(self, version: int) -> None:
         if version > len(MIGRATIONS):
