@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from serve_fixtures import LiveServer, start_server_process
+from serve_fixtures import ROOT, LiveServer, start_server_process
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -348,9 +351,38 @@ def test_a_response_that_cannot_be_stored_ends_with_an_error(live_server: LiveSe
     assert after["turn_id"] is not None and [t["text"] for t in history["turns"]] == ["Saved."]
 
 
+def test_by_default_only_the_servers_own_page_may_connect(live_server: LiveServer) -> None:
+    port = live_server.http_url.rstrip("/").rsplit(":", 1)[1]
+
+    async def go() -> list[Any]:
+        out: list[Any] = []
+        for origin in ("http://evil.example", f"http://evil.example:{port}", "http://127.0.0.1:1", "null"):
+            with pytest.raises(InvalidStatus) as e:
+                await connect(live_server.ws_url, origin=origin)
+            out.append(e.value.response.status_code)
+        for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", None):  # own page, or no browser
+            c = await Client.open(live_server.ws_url, origin=origin)
+            out.append(c.ready["type"])
+            await c.close()
+        return out
+
+    assert run(go()) == [403] * 4 + ["ready"] * 3
+
+
+def test_a_public_bind_without_a_token_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "serve", "server.host=0.0.0.0", "server.port=0",
+                           f"storage.path={tmp_path / 'db'}", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "CSM_JAX_TOKEN"})
+    assert proc.returncode != 0
+    assert "refusing to listen on 0.0.0.0 without a token" in proc.stdout + proc.stderr
+    assert not (tmp_path / "db").exists()  # refused before anything was loaded or created
+
+
 # ------------------------------------------------------------------------------------- durability, http ---
 def test_kill_9_loses_no_acknowledged_turn_and_auth(tmp_path: Path, xla_cache: Path) -> None:
-    overrides = ("server.token=s3cret", "server.allowed_origins=[http://good.example]")
+    (tmp_path / "token").write_text("s3cret\n")  # from a file: the secret never reaches Hydra's saved config
+    overrides = (f"server.token_file={tmp_path / 'token'}", "server.allowed_origins=[http://good.example]")
     server = start_server_process(tmp_path, xla_cache, *overrides)
     url = server.ws_url + "?token=s3cret"
 

@@ -35,8 +35,10 @@ class StorageConfig:
 class NetConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    token: str | None = None
-    allowed_origins: tuple[str, ...] = ()
+    token: str | None = None  # configs/serve.yaml reads it from $CSM_JAX_TOKEN (never write it on the command line)
+    token_file: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # empty: only the server's own page (its host:port, loopback names)
+    allow_public_without_token: bool = False
     static_dir: str | None = None
 
 

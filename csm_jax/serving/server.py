@@ -32,7 +32,7 @@ from csm_jax.audio.processor import AudioError, AudioTooLong
 from csm_jax.conversation import ContextFull, ConversationManager, UnknownConversation
 from csm_jax.csm.generator import FRAME_MS, Generator
 from csm_jax.serving.audio_turn import ENCODINGS, AudioTurn
-from csm_jax.serving.config import ServeConfig
+from csm_jax.serving.config import NetConfig, ServeConfig
 from csm_jax.serving.scheduler import Request, Result, Scheduler
 
 log = logging.getLogger(__name__)
@@ -372,6 +372,42 @@ def _authorized(request: HttpRequest, token: str) -> bool:
 MAX_PATH_CHARS = 1024
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_origins(net: NetConfig, local_address: Any) -> set[str]:
+    """Browser Origins that may open the WebSocket: `allowed_origins` when set, else only the server's own page
+    (http(s) on its host and the loopback names, at the port it listens on), so a foreign page cannot drive it."""
+    if net.allowed_origins:
+        return set(net.allowed_origins)
+    port = local_address[1]
+    hosts = {*LOOPBACK, f"[{net.host}]" if ":" in net.host else net.host}
+    return {f"{scheme}://{host}:{port}" for scheme in ("http", "https") for host in hosts}
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def resolve_token(net: NetConfig) -> NetConfig:
+    """`token_file` read into `token`; refuses a public bind without a token unless explicitly allowed."""
+    if net.token_file:
+        try:
+            token = Path(net.token_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ValueError(f"server.token_file: cannot read {net.token_file}: {e}") from None
+        if not token:
+            raise ValueError(f"server.token_file: {net.token_file} is empty")
+        net = dataclasses.replace(net, token=token)
+    if not net.token and not is_loopback(net.host):
+        if not net.allow_public_without_token:
+            raise ValueError(f"refusing to listen on {net.host} without a token: anyone who can reach it could use "
+                             "the model and read every conversation. Set CSM_JAX_TOKEN or server.token_file, or "
+                             "server.allow_public_without_token=true")
+        log.warning("listening on %s WITHOUT a token: anyone who can reach this port can use the server", net.host)
+    return net
+
+
 def make_process_request(service: Service, static_dir: Path):
     """HTTP routing before the WebSocket handshake: `/ws` (auth checked), `/health`, and the static web client."""
     root = static_dir.resolve()
@@ -381,14 +417,18 @@ def make_process_request(service: Service, static_dir: Path):
             response = _http(HTTPStatus.METHOD_NOT_ALLOWED, b"only GET and HEAD\n", "text/plain; charset=utf-8")
             response.headers["Allow"] = "GET, HEAD"
             return response
-        response = route(request)
+        response = route(connection, request)
         if response is not None and request.method == "HEAD":
             response.body = b""  # same headers (Content-Length of the GET body), no body
         return response
 
-    def route(request: HttpRequest) -> HttpResponse | None:
+    def route(connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
+            origin = request.headers.get("Origin")
+            allowed = allowed_origins(service.config.server, connection.local_address)
+            if origin is not None and origin not in allowed:
+                return _http(HTTPStatus.FORBIDDEN, b"this Origin may not connect\n", "text/plain; charset=utf-8")
             token = service.config.server.token
             if token and not _authorized(request, token):
                 return _http(HTTPStatus.UNAUTHORIZED, b"missing or wrong token\n", "text/plain; charset=utf-8")
@@ -420,8 +460,7 @@ async def start_server(service: Service) -> Server:
     async def handler(ws: ServerConnection) -> None:
         await Connection(service, ws).run()
 
-    origins = [*cfg.server.allowed_origins, None] if cfg.server.allowed_origins else None
-    return await serve(handler, cfg.server.host, cfg.server.port, origins=origins,
+    return await serve(handler, cfg.server.host, cfg.server.port,
                        process_request=make_process_request(service, cfg.static_dir),
                        max_size=4 * cfg.limits.max_message_bytes, max_queue=64)
 
@@ -464,6 +503,7 @@ def build_service(config: ServeConfig) -> Service:
 
 async def serve_forever(config: ServeConfig) -> None:
     t0 = time.perf_counter()
+    config = dataclasses.replace(config, server=resolve_token(config.server))  # before the (slow) model load
     service = await asyncio.to_thread(build_service, config)
     server = await start_server(service)
     host, port = server.sockets[0].getsockname()[:2]
