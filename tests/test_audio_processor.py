@@ -195,3 +195,23 @@ def test_corrupt_file_on_disk(tmp_path: Path) -> None:
 
 def test_audio_error_is_value_error() -> None:
     assert issubclass(AudioError, ValueError)
+
+
+def test_many_channels_at_high_rates_decode_in_bounded_memory(tmp_path):
+    """Highly compressible audio (8-channel 384 kHz FLAC silence) decodes block by block: memory follows the mono
+    signal, not the 8 x 4 bytes per sample a whole-file decode would take."""
+    import tracemalloc
+
+    path = tmp_path / "wide.flac"
+    rate, seconds, channels = 384_000, 20, 8
+    with sf.SoundFile(path, "w", samplerate=rate, channels=channels, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(seconds):
+            f.write(np.zeros((rate, channels), np.int16))
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    audio = load_audio(path, max_seconds=60)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert audio.shape == (seconds * 24_000,) and not audio.any()
+    whole = seconds * rate * channels * 4
+    assert peak < whole / 4, (peak, whole)

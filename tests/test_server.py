@@ -7,6 +7,7 @@ deterministic default model to check that served codes and audio are exactly wha
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import sqlite3
@@ -349,6 +350,24 @@ def test_a_response_that_cannot_be_stored_ends_with_an_error(live_server: LiveSe
     assert started["type"] == "response.started" and frames == 2
     assert failed["type"] == "error" and failed["code"] == "storage_failed" and failed["id"] == "lost", failed
     assert after["turn_id"] is not None and [t["text"] for t in history["turns"]] == ["Saved."]
+
+
+def test_a_long_high_rate_wav_turn_is_accepted(live_server: LiveServer) -> None:
+    """45 s of 96 kHz 24-bit stereo (26 MB) is within max_audio_s = 60 and must not be refused by a byte cap."""
+    t = np.arange(45 * 96_000) / 96_000
+    stereo = np.stack([np.sin(2 * np.pi * 180 * t), np.sin(2 * np.pi * 240 * t)], axis=1) * 0.3
+    buf = io.BytesIO()
+    sf.write(buf, stereo, 96_000, format="WAV", subtype="PCM_24")
+
+    async def go() -> dict[str, Any]:
+        c = await Client.open(live_server.ws_url)
+        await c.start()
+        stored = await c.send_audio(buf.getvalue(), (1 << 20) - 64, speaker=1, encoding="file")
+        await c.close()
+        return stored
+
+    stored = run(go())
+    assert stored["type"] == "turn.stored" and stored["frames"] == 563, stored
 
 
 def test_by_default_only_the_servers_own_page_may_connect(live_server: LiveServer) -> None:

@@ -32,6 +32,9 @@ class AudioTooLong(AudioError):
     """Input audio is longer than the caller's limit (``max_seconds``)."""
 
 
+_DECODE_BLOCK = 1 << 16  # frames per decoded block
+
+
 def load_audio(
     source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO,
     *,
@@ -67,10 +70,20 @@ def load_audio(
     try:
         with sf.SoundFile(stream) as f:
             _check_duration(f.frames, f.samplerate, max_seconds)
-            samples, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+            rate = f.samplerate
+            # Downmixed block by block into one mono buffer: memory follows the mono signal, not channels x samples
+            # (a few hundred kilobytes of 8-channel 384 kHz FLAC silence would otherwise decode to most of a GB).
+            mono = np.empty(max(f.frames, 0), np.float32)
+            filled = 0
+            for block in f.blocks(blocksize=_DECODE_BLOCK, dtype="float32", always_2d=True):
+                if filled + len(block) > len(mono):  # a header that under-counts (e.g. some MP3s)
+                    _check_duration(filled + len(block), rate, max_seconds)
+                    mono = np.concatenate([mono, np.empty(max(len(block), len(mono) // 2), np.float32)])
+                mono[filled:filled + len(block)] = block.mean(axis=1, dtype=np.float32)
+                filled += len(block)
     except sf.SoundFileError as e:
         raise AudioError(f"cannot decode audio from {name}: {e}") from e
-    return _finish(samples, rate, sample_rate, normalize_lufs)
+    return _finish(mono[:filled], rate, sample_rate, normalize_lufs)
 
 
 def decode_pcm(
@@ -170,12 +183,13 @@ def _check_duration(frames: int, rate: int, max_seconds: float | None) -> None:
 
 
 def _finish(samples: np.ndarray, rate: int, target_rate: int, normalize_lufs: float | None) -> np.ndarray:
-    """[N, C] float32 at ``rate`` -> [N'] float32 mono at ``target_rate``, optionally normalised."""
+    """[N, C] (or already mono [N]) float32 at ``rate`` -> [N'] float32 mono at ``target_rate``, optionally
+    normalised."""
     if samples.shape[0] == 0:
         raise AudioError("audio is empty (0 samples)")
     if not np.isfinite(samples).all():
         raise AudioError("audio contains non-finite samples (NaN or inf)")
-    mono = samples.mean(axis=1, dtype=np.float32)
+    mono = samples if samples.ndim == 1 else samples.mean(axis=1, dtype=np.float32)
     if rate != target_rate:
         mono = soxr.resample(mono, rate, target_rate, quality="HQ")
     if normalize_lufs is not None:

@@ -31,12 +31,15 @@ class AudioTurn:
         self._encoder = codec.stream_encoder(1)
         self._buffer = np.zeros((0,), np.float32)
         self._codes: list[np.ndarray] = []
-        self.max_file_bytes = int(max_seconds * 48_000 * 2 * 4)  # generous: 48 kHz stereo float32
+        # The byte budget of a max_seconds file at 96 kHz, stereo, 32-bit (a 45 s 96 kHz 24-bit stereo WAV fits);
+        # the decoded length is checked against max_seconds from the header, before decoding.
+        self.max_file_bytes = int(max_seconds * 96_000 * 2 * 4)
 
     def push(self, data: bytes) -> None:
         if self._pcm is None:
             if len(self._file) + len(data) > self.max_file_bytes:
-                raise AudioTooLong(f"audio file is over {self.max_file_bytes} bytes (the max_audio_s limit)")
+                raise AudioTooLong(f"audio file is over {self.max_file_bytes} bytes (max_audio_s of 96 kHz stereo "
+                                   "32-bit audio)")
             self._file.extend(data)
             return
         self._buffer = np.concatenate([self._buffer, self._pcm.push(data)])
