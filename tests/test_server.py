@@ -352,22 +352,32 @@ def test_a_response_that_cannot_be_stored_ends_with_an_error(live_server: LiveSe
     assert after["turn_id"] is not None and [t["text"] for t in history["turns"]] == ["Saved."]
 
 
-def test_a_long_high_rate_wav_turn_is_accepted(live_server: LiveServer) -> None:
-    """45 s of 96 kHz 24-bit stereo (26 MB) is within max_audio_s = 60 and must not be refused by a byte cap."""
+def test_a_long_high_rate_wav_turn_is_accepted(live_server: LiveServer, reference: csm_jax.Generator) -> None:
+    """45 s of 96 kHz 24-bit stereo (26 MB) is within max_audio_s = 60 and must not be refused by a byte cap; its
+    codes (made by the streaming encoder, so no new length compiles) equal an offline encode of the file."""
     t = np.arange(45 * 96_000) / 96_000
     stereo = np.stack([np.sin(2 * np.pi * 180 * t), np.sin(2 * np.pi * 240 * t)], axis=1) * 0.3
     buf = io.BytesIO()
     sf.write(buf, stereo, 96_000, format="WAV", subtype="PCM_24")
 
-    async def go() -> dict[str, Any]:
+    async def go() -> tuple[str, dict[str, Any]]:
         c = await Client.open(live_server.ws_url)
-        await c.start()
+        cid = (await c.start())["conversation_id"]
         stored = await c.send_audio(buf.getvalue(), (1 << 20) - 64, speaker=1, encoding="file")
         await c.close()
-        return stored
+        return cid, stored
 
-    stored = run(go())
+    cid, stored = run(go())
     assert stored["type"] == "turn.stored" and stored["frames"] == 563, stored
+    audio = csm_jax.load_audio(buf.getvalue())
+    audio = np.pad(audio, (0, -len(audio) % 1920))[None]
+    offline = np.asarray(reference.codec.encode(audio))[0, : reference.num_codebooks].T
+    store = SQLiteStore(live_server.db_path)
+    try:
+        turn = next(t for t in store.turns(cid) if t.turn_id == stored["turn"]["turn_id"])
+    finally:
+        store.close()
+    np.testing.assert_array_equal(turn.codes, offline)
 
 
 def test_by_default_only_the_servers_own_page_may_connect(live_server: LiveServer) -> None:

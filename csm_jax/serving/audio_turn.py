@@ -2,7 +2,8 @@
 
 PCM chunks (`pcm16` / `float32`, any rate and channel count) are resampled to 24 kHz as they arrive and every whole
 80 ms frame is encoded at once by a streaming encoder, so `finish` only has the last partial frame left to do.
-`file` turns (a whole wav/flac/ogg sent in chunks) are decoded and encoded at the end.
+`file` turns (a whole wav/flac/ogg sent in chunks) are decoded at the end and go through the same streaming encoder,
+so no audio length triggers a compilation.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ class AudioTurn:
             if not self._file:
                 raise AudioError("audio turn is empty (no bytes received)")
             audio = load_audio(bytes(self._file), max_seconds=self.max_seconds)
-            audio = np.pad(audio, (0, -len(audio) % self.frame))  # whole frames: the same codes as streaming
-            codes = np.asarray(self.codec.encode(audio[None]))[0, : self.num_codebooks].T
-            return codes.astype(np.int32)
+            # Through the streaming encoder (compiled once), not an offline encode that compiles for every new
+            # length and stalls every stream; the codes are the same (streaming == offline on whole frames).
+            self._buffer = np.pad(audio, (0, -len(audio) % self.frame))
+            self._encode_whole_frames()
+            return np.stack(self._codes).astype(np.int32)
         self._buffer = np.concatenate([self._buffer, self._pcm.finish()])
         if self._pcm.frames_in == 0:
             raise AudioError("audio turn is empty (no samples received)")
