@@ -380,6 +380,49 @@ def test_a_long_high_rate_wav_turn_is_accepted(live_server: LiveServer, referenc
     np.testing.assert_array_equal(turn.codes, offline)
 
 
+def test_server_wide_limits(tmp_path: Path, xla_cache: Path) -> None:
+    """Connections, queued responses, conversations per connection and the message rate are bounded; each excess
+    gets a clear answer at once (HTTP 503, `overloaded`, `rate_limited`) and the others carry on."""
+    server = start_server_process(tmp_path, xla_cache, "limits.max_connections=7", "limits.max_queued=1",
+                                  "limits.max_conversations=2", "limits.messages_per_s=2", "limits.message_burst=6")
+
+    async def go() -> tuple[Any, ...]:
+        c = await Client.open(server.ws_url)
+        first = (await c.start())["conversation_id"]
+        await c.start()
+        third = await c.request({"type": "session.start"})
+        resumed = await c.request({"type": "session.start", "conversation_id": first})
+        flood = await Client.open(server.ws_url)
+        flooded = [(await flood.request({"type": "history"}))["code"] for _ in range(12)]
+        streams = []
+        for i in range(5):  # 4 engine slots (engine.batch_size=4), then one waiting
+            s = await Client.open(server.ws_url)
+            await s.start()
+            said = await s.request({"type": "say", "text": f"Long {i}.", "speaker": 0, "max_audio_ms": 20_000})
+            assert said["type"] == "response.started", said
+            if i < 4:
+                assert isinstance(await s.ws.recv(), bytes)  # it has a slot
+            streams.append(s)
+        overloaded = await c.request({"type": "say", "text": "One more.", "speaker": 0, "max_audio_ms": 160})
+        with pytest.raises(InvalidStatus) as e:  # c, flood and 5 streams: 7 open
+            await connect(server.ws_url)
+        for s in streams:
+            await s.ws.close()
+        await flood.close()
+        await c.close()
+        return third, resumed, flooded, overloaded, e.value.response.status_code
+
+    try:
+        third, resumed, flooded, overloaded, full = run(go())
+    finally:
+        server.stop()
+    assert third["code"] == "rate_limited" and "2 conversations" in third["message"]
+    assert resumed["type"] == "session.started" and resumed["resumed"]
+    assert flooded[:5] == ["no_session"] * 5 and flooded.count("rate_limited") >= 4, flooded
+    assert overloaded["type"] == "error" and overloaded["code"] == "overloaded", overloaded
+    assert full == 503
+
+
 def test_by_default_only_the_servers_own_page_may_connect(live_server: LiveServer) -> None:
     port = live_server.http_url.rstrip("/").rsplit(":", 1)[1]
 

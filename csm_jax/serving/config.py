@@ -49,6 +49,11 @@ class Limits:
     max_audio_s: float = 60.0
     max_audio_ms: int = 30_000
     max_requests: int = 1000
+    max_connections: int = 256  # open WebSockets, server-wide (more get HTTP 503)
+    max_queued: int = 64  # responses waiting for an engine slot, server-wide (more get `overloaded` at once)
+    max_conversations: int = 100  # conversations one connection may create
+    messages_per_s: float = 50.0  # sustained message rate per connection (token bucket) ...
+    message_burst: int = 200  # ... and its burst; excess messages are dropped with `rate_limited`
 
 
 @dataclasses.dataclass(frozen=True)

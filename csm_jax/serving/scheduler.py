@@ -122,6 +122,11 @@ class Scheduler:
         self._wake.set()
 
     @property
+    def queued(self) -> int:
+        """Requests submitted and not yet in an engine slot."""
+        return self._pending.qsize()
+
+    @property
     def active(self) -> int:
         return sum(s is not None for s in self._slots)
 

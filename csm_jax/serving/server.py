@@ -57,6 +57,7 @@ class Service:
     scheduler: Scheduler
     manager: ConversationManager
     model_name: str
+    connections: int = 0  # open WebSockets (event-loop thread only)
 
     def ready_event(self) -> dict[str, Any]:
         lim = self.config.limits
@@ -130,6 +131,8 @@ class Connection:
         self.audio_meta: dict[str, Any] = {}
         self.requests = 0
         self.responses = 0
+        self.conversations = 0
+        self.tokens, self.refilled = float(self.limits.message_burst), time.monotonic()  # message token bucket
         self.closed = False
 
     # io ----------------------------------------------------------------------------------------------------
@@ -165,9 +168,22 @@ class Connection:
             self.outbox.put_nowait(None)
             await sender
 
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(float(self.limits.message_burst),
+                          self.tokens + (now - self.refilled) * self.limits.messages_per_s)
+        self.refilled = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
     async def dispatch(self, message: str | bytes) -> None:
         msg: dict[str, Any] | None = None
         try:
+            if not self._take_token():
+                raise ProtocolError("rate_limited", f"over {self.limits.messages_per_s:g} messages/s (burst "
+                                                    f"{self.limits.message_burst}); the message was dropped")
             size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8", "surrogatepass"))
             if size > self.limits.max_message_bytes:
                 raise ProtocolError("too_large", f"message of {size} bytes is over the limit of "
@@ -214,6 +230,11 @@ class Connection:
         if self.request is not None or self.audio_turn is not None:
             raise ProtocolError("busy", "finish or cancel the current response / audio turn first")
         manager = self.service.manager
+        if cid is None:
+            if self.conversations >= self.limits.max_conversations:
+                raise ProtocolError("rate_limited", f"this connection created its {self.limits.max_conversations} "
+                                                    "conversations")
+            self.conversations += 1
         try:
             cid, resumed = await asyncio.to_thread(manager.start, cid)
         except UnknownConversation:
@@ -236,6 +257,9 @@ class Connection:
         temperature = _float(msg, "temperature", defaults.temperature)
         top_k = _int(msg, "top_k", 1, gen.cfg.audio_vocab_size, defaults.top_k)
         seed = _int(msg, "seed", 0, 2**32 - 1, secrets.randbelow(2**31))
+        if self.service.scheduler.queued >= self.limits.max_queued:
+            raise ProtocolError("overloaded", f"{self.service.scheduler.queued} responses are waiting for the "
+                                              "engine; try again shortly")
         self._count_request()
         max_frames = max_ms // FRAME_MS
         try:
@@ -425,6 +449,9 @@ def make_process_request(service: Service, static_dir: Path):
     def route(connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
+            if service.connections >= service.config.limits.max_connections:
+                return _http(HTTPStatus.SERVICE_UNAVAILABLE, b"the server is at its connection limit\n",
+                             "text/plain; charset=utf-8")
             origin = request.headers.get("Origin")
             allowed = allowed_origins(service.config.server, connection.local_address)
             if origin is not None and origin not in allowed:
@@ -458,7 +485,11 @@ async def start_server(service: Service) -> Server:
     cfg = service.config
 
     async def handler(ws: ServerConnection) -> None:
-        await Connection(service, ws).run()
+        service.connections += 1
+        try:
+            await Connection(service, ws).run()
+        finally:
+            service.connections -= 1
 
     return await serve(handler, cfg.server.host, cfg.server.port,
                        process_request=make_process_request(service, cfg.static_dir),
