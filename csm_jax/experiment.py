@@ -22,10 +22,12 @@ from csm_jax.configs import from_dict
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.generator import Generator
 from csm_jax.csm.prompt import PromptFormat
+from csm_jax.csm.weights import HUB_FILES
 from csm_jax.data import Dataset, Loader, make_espeak_corpus, prepare, split
 from csm_jax.data.speech_corpus import make_speech_corpus
 from csm_jax.codec.config import MimiConfig
 from csm_jax.default_model import byte_tokenizer
+from csm_jax.hub import checkpoint_path
 from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,13 @@ def model_config(cfg: dict[str, Any]) -> CsmConfig:
 
 
 def tokenizer(cfg: dict[str, Any]) -> Tokenizer:
-    """`model.tokenizer`: "byte" (built-in byte-level), a tokenizer.json path, or null (next to `model.init`)."""
+    """`model.tokenizer`: "byte" (built-in byte-level), a tokenizer.json path, or null (next to `model.init`, a path
+    or hub id)."""
     m = cfg["model"]
     spec = m.get("tokenizer")
     if spec == "byte":
         return byte_tokenizer()
-    path = Path(spec) if spec else (Path(m["init"]) / "tokenizer.json" if m.get("init") else None)
+    path = Path(spec) if spec else (checkpoint_path(m["init"], HUB_FILES) / "tokenizer.json" if m.get("init") else None)
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no tokenizer: set model.tokenizer to 'byte' or a tokenizer.json path (got {spec!r})")
     return Tokenizer.from_file(str(path))

@@ -1,4 +1,5 @@
-"""A real server process on the default model, for the server, client and web-page tests.
+"""A real server process on the default model, for the server, client and web-page tests, and a thin WebSocket
+protocol driver (`Client`).
 
 `live_server` (session scoped) is shared; `start_server_process` starts a private one (e.g. to `kill -9` it).
 All processes share one persistent XLA compilation cache, so only the first start pays for compilation.
@@ -6,7 +7,9 @@ All processes share one persistent XLA compilation cache, so only the first star
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -15,12 +18,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"websocket: (ws://\S+)")
 START_TIMEOUT_S = 600
+FRAME_BYTES = 1920 * 2
 
 
 @dataclasses.dataclass
@@ -75,3 +81,67 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, xla_cache: Path) -> It
     server = start_server_process(tmp_path_factory.mktemp("live-server"), xla_cache)
     yield server
     server.stop()
+
+
+class Client:
+    """A thin protocol driver over a real websockets connection."""
+
+    def __init__(self, ws: ClientConnection):
+        self.ws = ws
+        self.ready: dict[str, Any] = {}
+
+    @classmethod
+    async def open(cls, url: str, **kwargs: Any) -> Client:
+        c = cls(await connect(url, **kwargs))
+        c.ready = await c.event()
+        assert c.ready["type"] == "ready"
+        return c
+
+    async def send(self, event: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(json.dumps(event) if isinstance(event, dict) else event)
+
+    async def event(self) -> dict[str, Any]:
+        message = await asyncio.wait_for(self.ws.recv(), 120)
+        assert isinstance(message, str), "expected a JSON event, got binary audio"
+        return json.loads(message)
+
+    async def request(self, event: dict[str, Any] | str | bytes) -> dict[str, Any]:
+        await self.send(event)
+        return await self.event()
+
+    async def start(self, conversation_id: str | None = None) -> dict[str, Any]:
+        reply = await self.request({"type": "session.start", "conversation_id": conversation_id})
+        assert reply["type"] == "session.started", reply
+        return reply
+
+    async def say(self, text: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any], list[bytes]]:
+        """-> (response.started, response.done, binary frames)."""
+        started = await self.request({"type": "say", "text": text, "speaker": fields.pop("speaker", 0), **fields})
+        assert started["type"] == "response.started", started
+        frames = []
+        while True:
+            message = await asyncio.wait_for(self.ws.recv(), 120)
+            if isinstance(message, bytes):
+                frames.append(message)
+                continue
+            done = json.loads(message)
+            assert done["type"] == "response.done", done
+            return started, done, frames
+
+    async def send_audio(self, pcm: bytes, chunk: int, **fields: Any) -> dict[str, Any]:
+        """An audio turn; -> the answer to audio.end, or the first error raised while streaming the chunks."""
+        assert (await self.request({"type": "audio.start", **fields}))["type"] == "audio.started"
+        for i in range(0, len(pcm), chunk):
+            await self.send(pcm[i:i + chunk])
+        await self.send({"type": "audio.end", "id": "end"})
+        events = [await self.event()]
+        while events[-1].get("id") != "end":
+            events.append(await self.event())
+        return events[0]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from serve_fixtures import ROOT, LiveServer, start_server_process
-from websockets.asyncio.client import ClientConnection, connect
+from serve_fixtures import FRAME_BYTES, ROOT, Client, LiveServer, run, start_server_process
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 import csm_jax
@@ -30,71 +30,6 @@ from csm_jax.conversation import SQLiteStore
 from csm_jax.default_model import byte_tokenizer, default_generator
 
 DATA = Path(__file__).parent / "data"
-FRAME_BYTES = 1920 * 2
-
-
-class Client:
-    """A thin protocol driver over a real websockets connection."""
-
-    def __init__(self, ws: ClientConnection):
-        self.ws = ws
-        self.ready: dict[str, Any] = {}
-
-    @classmethod
-    async def open(cls, url: str, **kwargs: Any) -> "Client":
-        c = cls(await connect(url, **kwargs))
-        c.ready = await c.event()
-        assert c.ready["type"] == "ready"
-        return c
-
-    async def send(self, event: dict[str, Any] | str | bytes) -> None:
-        await self.ws.send(json.dumps(event) if isinstance(event, dict) else event)
-
-    async def event(self) -> dict[str, Any]:
-        message = await asyncio.wait_for(self.ws.recv(), 120)
-        assert isinstance(message, str), "expected a JSON event, got binary audio"
-        return json.loads(message)
-
-    async def request(self, event: dict[str, Any] | str | bytes) -> dict[str, Any]:
-        await self.send(event)
-        return await self.event()
-
-    async def start(self, conversation_id: str | None = None) -> dict[str, Any]:
-        reply = await self.request({"type": "session.start", "conversation_id": conversation_id})
-        assert reply["type"] == "session.started", reply
-        return reply
-
-    async def say(self, text: str, **fields: Any) -> tuple[dict[str, Any], dict[str, Any], list[bytes]]:
-        """-> (response.started, response.done, binary frames)."""
-        started = await self.request({"type": "say", "text": text, "speaker": fields.pop("speaker", 0), **fields})
-        assert started["type"] == "response.started", started
-        frames = []
-        while True:
-            message = await asyncio.wait_for(self.ws.recv(), 120)
-            if isinstance(message, bytes):
-                frames.append(message)
-                continue
-            done = json.loads(message)
-            assert done["type"] == "response.done", done
-            return started, done, frames
-
-    async def send_audio(self, pcm: bytes, chunk: int, **fields: Any) -> dict[str, Any]:
-        """An audio turn; -> the answer to audio.end, or the first error raised while streaming the chunks."""
-        assert (await self.request({"type": "audio.start", **fields}))["type"] == "audio.started"
-        for i in range(0, len(pcm), chunk):
-            await self.send(pcm[i:i + chunk])
-        await self.send({"type": "audio.end", "id": "end"})
-        events = [await self.event()]
-        while events[-1].get("id") != "end":
-            events.append(await self.event())
-        return events[0]
-
-    async def close(self) -> None:
-        await self.ws.close()
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +319,8 @@ def test_server_wide_limits(tmp_path: Path, xla_cache: Path) -> None:
     """Connections, queued responses, conversations per connection and the message rate are bounded; each excess
     gets a clear answer at once (HTTP 503, `overloaded`, `rate_limited`) and the others carry on."""
     server = start_server_process(tmp_path, xla_cache, "limits.max_connections=7", "limits.max_queued=1",
-                                  "limits.max_conversations=2", "limits.messages_per_s=2", "limits.message_burst=6")
+                                  "limits.max_conversations=2", "limits.messages_per_s=2", "limits.message_burst=6",
+                                  "limits.request_burst=6", "limits.requests_per_min=0.5")
 
     async def go() -> tuple[Any, ...]:
         c = await Client.open(server.ws_url)
@@ -410,12 +346,26 @@ def test_server_wide_limits(tmp_path: Path, xla_cache: Path) -> None:
             await s.ws.close()
         await flood.close()
         await c.close()
-        return third, resumed, flooded, overloaded, e.value.response.status_code
+        # the 6th request of this address (5 says above): an audio turn, aborted; the budget survives a reconnect
+        r = await Client.open(server.ws_url)
+        await r.start()
+        audio = [(await r.request({"type": "audio.start", "speaker": 1, "sample_rate": 24_000}))["type"]]
+        await r.send(np.zeros(2400, "<i2").tobytes())
+        audio += [await r.request({"type": "audio.cancel"}), await r.request({"type": "audio.cancel"})]
+        await r.close()
+        r = await Client.open(server.ws_url)
+        await r.start()
+        audio.append(await r.request({"type": "audio.start", "speaker": 1, "sample_rate": 24_000}))
+        await r.close()
+        return third, resumed, flooded, overloaded, e.value.response.status_code, audio
 
     try:
-        third, resumed, flooded, overloaded, full = run(go())
+        third, resumed, flooded, overloaded, full, audio = run(go())
     finally:
         server.stop()
+    assert audio[0] == "audio.started" and audio[1]["type"] == "audio.cancelled", audio
+    assert audio[2]["code"] == "no_audio_turn", audio  # nothing left to cancel
+    assert audio[3]["code"] == "rate_limited" and "per minute" in audio[3]["message"], audio
     assert third["code"] == "rate_limited" and "2 conversations" in third["message"]
     assert resumed["type"] == "session.started" and resumed["resumed"]
     assert flooded[:5] == ["no_session"] * 5 and flooded.count("rate_limited") >= 4, flooded

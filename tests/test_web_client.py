@@ -1,4 +1,4 @@
-"""The web client (serve/static/) in headless Chromium against the real server: connect, say, cancel, record a
+"""The web client (csm_jax/serving/static/) in headless Chromium against the real server: connect, say, cancel, record a
 user turn with the fake microphone, history, errors, resume.
 
 Needs the `playwright` Python package and the system Chromium at /usr/bin/chromium (no `playwright install`).

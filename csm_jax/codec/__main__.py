@@ -6,9 +6,10 @@
     python -m csm_jax.codec convert SRC DST_DIR     # transformers dir / moshi .safetensors -> orbax dir
     python -m csm_jax.codec export CKPT DST_DIR     # any codec checkpoint -> transformers Mimi dir
 
-CKPT is anything `csm_jax.load_codec` reads, or `random` for seeded random weights (a smoke test of the
-pipeline; the audio is not speech). It defaults to $CSM_JAX_MIMI. A codes file is an `.npz` with
-`codes` int16 [K, T], `sample_rate`, `frame_rate` and `num_samples` (the input length, used to trim decoding).
+CKPT is anything `csm_jax.load_codec` reads (hub ids such as kyutai/mimi included), or `random` for seeded
+random weights (a smoke test of the pipeline; the audio is not speech). It defaults to $CSM_JAX_MIMI. A codes file
+is an `.npz` with `codes` int16 [K, T], `sample_rate`, `frame_rate` and `num_samples` (the input length, used to
+trim decoding).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _codec(args: argparse.Namespace) -> MimiCodec:
     if not ckpt:
         raise CheckpointError(
             "no codec checkpoint: pass --checkpoint or set CSM_JAX_MIMI to a transformers Mimi directory "
-            "(e.g. a download of kyutai/mimi), a moshi tokenizer-*.safetensors file, or a converted directory"
+            "or hub id (e.g. kyutai/mimi), a moshi tokenizer-*.safetensors file, or a converted directory"
         )
     num_codebooks = getattr(args, "num_codebooks", None)
     if ckpt == "random":
@@ -73,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("input", type=Path, help=f"input {a} file")
         p.add_argument("output", type=Path, help=f"output {b} file")
-        p.add_argument("--checkpoint", help="codec checkpoint (default: $CSM_JAX_MIMI)")
+        p.add_argument("--checkpoint", help="codec checkpoint, a path or hub id (default: $CSM_JAX_MIMI)")
         if name != "decode":
             p.add_argument("--num-codebooks", type=int, default=None, help="RVQ codebooks to use (default: all)")
     p = sub.add_parser("convert", help="write a converted orbax checkpoint")
-    p.add_argument("input", type=Path, help="transformers Mimi dir or moshi .safetensors file")
+    p.add_argument("input", type=Path, help="transformers Mimi dir or hub id, or moshi .safetensors file")
     p.add_argument("output", type=Path, help="new directory")
     p = sub.add_parser("export", help="write a transformers Mimi directory (MimiModel.from_pretrained reads it)")
     p.add_argument("input", type=Path, help="codec checkpoint: anything load_codec reads")

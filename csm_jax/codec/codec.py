@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from csm_jax import checkpoint
+from csm_jax import checkpoint, hub
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.layers import State
@@ -21,6 +21,8 @@ from csm_jax.codec.weights import abstract_params, convert_mimi, detect_format
 from csm_jax.weights import read_safetensors
 
 CHECKPOINT_KIND = "mimi"
+# what `load_codec` reads from a hub repo (kyutai/mimi, a CSM repo with `codec_model.*`, or a converted codec)
+HUB_FILES = ("config.json", "model.safetensors", checkpoint.META_FILE, "params/*")
 
 
 class MimiCodec:
@@ -219,13 +221,12 @@ def load_codec(
       codec weights sit under `codec_model.`;
     - a moshi-format `.safetensors` file (`encoder.model.0.conv.conv.weight`, ...); the architecture is the
       official one unless `config` (a MimiConfig, a `to_dict()` dict, or a transformers config dict) says otherwise;
-    - a converted orbax directory written by `MimiCodec.save` / `python -m csm_jax.codec convert`.
+    - a converted orbax directory written by `MimiCodec.save` / `python -m csm_jax.codec convert`;
+    - a hub repo id `org/name[@revision]` holding one of these directories (e.g. `kyutai/mimi`; `csm_jax.hub`).
 
     `dtype` overrides the compute dtype ("float32" default, "bfloat16"); parameters stay float32.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no such checkpoint: {path}")
+    path = hub.checkpoint_path(path, HUB_FILES)
     cfg = _config_arg(config)
     if path.is_dir() and checkpoint.is_converted(path):
         meta = checkpoint.read_meta(path, CHECKPOINT_KIND)

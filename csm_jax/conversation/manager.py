@@ -85,9 +85,10 @@ class ConversationManager:
             raise ValueError(f"turn {turn.turn_id} has neither text nor codes")
         return self.format.turn_rows(self._text_ids(turn), turn.codes)
 
-    def build_prompt(self, conversation_id: str, text: str, speaker: int, max_frames: int) -> Prompt:
-        """History + the target `[speaker]text` rows, leaving room for `max_frames` generated frames (the context
-        rule of `PromptFormat.select_context`). Raises ContextFull when the target alone does not fit."""
+    def build_prompt(self, conversation_id: str | None, text: str, speaker: int, max_frames: int) -> Prompt:
+        """History (none for `conversation_id` None) + the target `[speaker]text` rows, leaving room for
+        `max_frames` generated frames (the context rule of `PromptFormat.select_context`). Raises ContextFull when
+        the target alone does not fit."""
         if isinstance(max_frames, bool) or not isinstance(max_frames, int | np.integer) or max_frames < 1:
             raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
         target = self.format.text_rows(text, speaker)
@@ -95,8 +96,8 @@ class ConversationManager:
         if budget < 0:
             raise ContextFull(f"target text ({len(target[0])} rows) + max_frames ({max_frames}) exceed the "
                               f"{self.max_seq_len}-position context by {-budget}")
-        history = self.history(conversation_id, self.format.max_context_turns) if self.format.max_context_turns \
-            else []
+        turns = self.format.max_context_turns
+        history = self.history(conversation_id, turns) if turns and conversation_id is not None else []
         (tokens, mask), kept = self.format.conversation_rows([(self._text_ids(t), t.codes) for t in history],
                                                              self.format.text_ids(text, speaker), budget)
         return Prompt(tokens, mask, kept, len(tokens))

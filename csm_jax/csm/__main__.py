@@ -7,7 +7,8 @@
     python -m csm_jax.csm export SRC DST [--dtype float16]   # any checkpoint -> transformers CSM dir
         (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them)
 
-CKPT is anything `csm_jax.load_csm` reads; it defaults to $CSM_JAX_CSM.
+CKPT and SRC are anything `csm_jax.load_csm` reads (hub ids such as sesame/csm-1b included); CKPT defaults to
+$CSM_JAX_CSM.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import soundfile as sf
 
+from csm_jax import hub
 from csm_jax.audio import AudioError, load_audio
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.csm.export import DTYPES, check_out_dir, export_transformers
 from csm_jax.csm.generator import Segment, load_csm
 from csm_jax.csm.prompt import PROMPT_FILE
-from csm_jax.csm.weights import load_csm_params, save_converted
+from csm_jax.csm.weights import HUB_FILES, load_csm_params, save_converted
 
 
 def _segment(spec: str) -> Segment:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csm_jax.csm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text (+ context) -> wav")
-    g.add_argument("--checkpoint", help="CSM checkpoint (default: $CSM_JAX_CSM)")
+    g.add_argument("--checkpoint", help="CSM checkpoint, a path or hub id org/name[@revision] (default: $CSM_JAX_CSM)")
     g.add_argument("--text", required=True)
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--speaker", type=int, default=0)
@@ -52,30 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-codebooks", type=int, default=None)
     c = sub.add_parser("convert", help="write a converted orbax checkpoint")
-    c.add_argument("input", type=Path)
+    c.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     c.add_argument("output", type=Path)
     e = sub.add_parser("export", help="write a transformers CSM directory (CsmForConditionalGeneration reads it)")
-    e.add_argument("input", type=Path)
+    e.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     e.add_argument("output", type=Path)
     e.add_argument("--dtype", choices=list(DTYPES), default="float32", help="tensor dtype (default float32)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             check_out_dir(args.output)  # before the (slow) load
-            gen = load_csm(args.input)
-            src = args.input if args.input.is_dir() else args.input.parent
+            ckpt = hub.checkpoint_path(args.input, HUB_FILES)  # a hub id -> its cached snapshot
+            gen = load_csm(ckpt)
+            src = ckpt if ckpt.is_dir() else ckpt.parent
             extra = {PROMPT_FILE: (src / PROMPT_FILE).read_text()} if (src / PROMPT_FILE).is_file() else {}
             out = export_transformers(gen.params, gen.cfg, args.output, codec=gen.codec, tokenizer=gen.tokenizer,
                                       dtype=args.dtype, extra_files=extra)
             print(f"wrote {out}")
             return 0
         if args.command == "convert":
-            params, cfg = load_csm_params(args.input)
+            ckpt = hub.checkpoint_path(args.input, HUB_FILES)
+            params, cfg = load_csm_params(ckpt)
             out = save_converted(args.output, params, cfg)
-            src = args.input if args.input.is_dir() else args.input.parent
+            src = ckpt if ckpt.is_dir() else ckpt.parent
             if (src / "tokenizer.json").is_file():
                 shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
-            gen = load_csm(args.input)
+            gen = load_csm(ckpt)
             if gen.codec is not None:
                 gen.codec.save(out / "codec")
             print(f"wrote {out}")

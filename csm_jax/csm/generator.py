@@ -21,14 +21,14 @@ import numpy as np
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from csm_jax import sharding
+from csm_jax import hub, sharding
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.engine import Engine
 from csm_jax.csm.frontend import TextFrontend
 from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat, read_prompt_settings
-from csm_jax.csm.weights import load_csm_params
+from csm_jax.csm.weights import HUB_FILES, load_csm_params
 
 FRAME_MS = 80
 
@@ -205,8 +205,10 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
              dtype: str | None = None, mesh: Mesh | None = None,
              rules: sharding.Rules = sharding.DEFAULT_RULES) -> Generator:
     """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json` and `codec_model.*` when
-    present), an original Sesame checkpoint, or a converted dir. `codec` overrides where Mimi comes from."""
-    path = Path(path)
+    present), an original Sesame checkpoint, or a converted dir, each local or a hub repo id `org/name[@revision]`
+    (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or anything `load_codec` reads, hub ids
+    included) overrides where Mimi comes from."""
+    path = hub.checkpoint_path(path, HUB_FILES)
     params, cfg = load_csm_params(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)

@@ -19,12 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csm_jax import checkpoint
+from csm_jax import checkpoint, hub
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.csm.config import CsmConfig, LlamaConfig
+from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.weights import Entry, convert, read_safetensors, rope_interleaved_to_half, same
 
 CHECKPOINT_KIND = "csm"
+# what the CSM loaders read from a hub repo: transformers files (the codec rides in model.safetensors), the tokenizer,
+# csm-jax's prompt settings, and a converted checkpoint (orbax params + codec); not e.g. sesame/csm-1b's ckpt.pt
+HUB_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", PROMPT_FILE, checkpoint.META_FILE, "params/*", "codec/*")
 # Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v fused);
 # older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
 LAYOUT_KEY, LAYOUT = "csm_param_layout", "qkv_out_in"
@@ -128,11 +133,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[dict[str, Any], CsmConfig]:
-    """(params, config) from a transformers CSM dir, an original Sesame dir/`.safetensors`, or a converted dir.
-    Codec weights stored alongside (`codec_model.*`) are skipped here; `csm_jax.load_codec` reads them."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no such checkpoint: {path}")
+    """(params, config) from a transformers CSM dir, an original Sesame dir/`.safetensors`, or a converted dir, each
+    local or a hub repo id `org/name[@revision]` (`csm_jax.hub`). Codec weights stored alongside (`codec_model.*`)
+    are skipped here; `csm_jax.load_codec` reads them."""
+    path = hub.checkpoint_path(path, HUB_FILES)
     if path.is_dir() and checkpoint.is_converted(path):
         meta = checkpoint.read_meta(path, CHECKPOINT_KIND)
         cfg = config or CsmConfig.from_dict(meta["config"])

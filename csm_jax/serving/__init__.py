@@ -1,8 +1,9 @@
-"""Serving: the continuous-batching engine loop, user audio turns, and the WebSocket server (docs/protocol.md)."""
+"""Serving: the continuous-batching engine loop, user audio turns, the WebSocket protocol, OpenAI speech, metrics."""
 
 from csm_jax.serving.config import ServeConfig
 from csm_jax.serving.scheduler import Request, Result, Scheduler
-from csm_jax.serving.server import Service, build_service, serve_forever, start_server
+from csm_jax.serving.server import build_service, serve_forever, start_server
+from csm_jax.serving.service import Service
 
 __all__ = ["Request", "Result", "Scheduler", "ServeConfig", "Service", "build_service", "serve_forever",
            "start_server"]

@@ -48,7 +48,9 @@ class Limits:
     max_text_chars: int = 1000
     max_audio_s: float = 60.0
     max_audio_ms: int = 30_000
-    max_requests: int = 1000
+    requests_per_min: float = 120.0  # responses + audio turns per client address, across its reconnects ...
+    request_burst: int = 60  # ... and their burst; over it: `rate_limited` (HTTP 429)
+    max_body_bytes: int = 65536  # HTTP request bodies (the speech API's JSON)
     max_connections: int = 256  # open WebSockets, server-wide (more get HTTP 503)
     max_queued: int = 64  # responses waiting for an engine slot, server-wide (more get `overloaded` at once)
     max_conversations: int = 100  # conversations one connection may create
@@ -79,7 +81,7 @@ class ServeConfig:
     context: ContextConfig = ContextConfig()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ServeConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ServeConfig:
         """From a plain nested dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`); unknown keys raise."""
         return from_dict(cls, d)
 
@@ -87,4 +89,4 @@ class ServeConfig:
     def static_dir(self) -> Path:
         if self.server.static_dir is not None:
             return Path(self.server.static_dir)
-        return Path(__file__).resolve().parents[2] / "serve" / "static"
+        return Path(__file__).resolve().parent / "static"

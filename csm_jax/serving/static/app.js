@@ -291,11 +291,7 @@ function onReady(ev) {
     ["sample_rate", ev.sample_rate],
     ["frame_samples", ev.frame_samples],
     ["num_codebooks", ev.num_codebooks],
-    ["max_text_chars", lim.max_text_chars],
-    ["max_audio_ms", lim.max_audio_ms],
-    ["max_audio_s", lim.max_audio_s],
-    ["max_message_bytes", lim.max_message_bytes],
-    ["max_requests", lim.max_requests],
+    ...Object.entries(lim),
   ]);
   // Not in protocol v1's list, but servers may send their sampling defaults: show them as placeholders.
   const defaults = ev.defaults || {};

@@ -1,0 +1,159 @@
+"""What every connection and API shares: the model, the engine loop, the conversation store, the limits, the
+metrics, and the one path from validated speech parameters to a scheduled engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from csm_jax.conversation import ContextFull, ConversationManager, UnknownConversation
+from csm_jax.conversation.manager import Prompt
+from csm_jax.csm.generator import FRAME_MS, Generator
+from csm_jax.serving.config import ServeConfig
+from csm_jax.serving.fields import ProtocolError, float_field, int_field, str_field
+from csm_jax.serving.metrics import ServerMetrics
+from csm_jax.serving.scheduler import Request, Result, Scheduler
+
+log = logging.getLogger("csm_jax.serving")
+PROTOCOL_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechParams:
+    """A validated speech request: the text, the speaker, and the sampling settings."""
+
+    text: str
+    speaker: int
+    max_frames: int
+    temperature: float
+    top_k: int
+    seed: int
+
+
+class ClientBudgets:
+    """Requests per client address (a token bucket each), kept across its reconnects and shared by its WebSocket
+    and HTTP requests. Full buckets are forgotten, so memory follows the clients that are spending."""
+
+    def __init__(self, per_min: float, burst: int):
+        self.rate, self.burst = per_min / 60.0, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, client: str) -> bool:
+        now = time.monotonic()
+        tokens, then = self._buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            self._buckets[client] = (tokens, now)
+            return False
+        self._buckets[client] = (tokens - 1.0, now)
+        if len(self._buckets) > 10_000:
+            self._buckets = {k: v for k, v in self._buckets.items()
+                             if min(self.burst, v[0] + (now - v[1]) * self.rate) < self.burst}
+        return True
+
+
+@dataclasses.dataclass
+class Service:
+    """Shared state of the server; methods run on the event loop unless they say otherwise."""
+
+    config: ServeConfig
+    generator: Generator
+    scheduler: Scheduler
+    manager: ConversationManager
+    model_name: str
+    connections: int = 0  # open WebSockets
+    metrics: ServerMetrics = dataclasses.field(init=False)
+    clients: ClientBudgets = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        lim = self.config.limits
+        self.metrics = ServerMetrics(lambda: self.scheduler.active, lambda: self.scheduler.queued,
+                                     lambda: self.connections)
+        self.clients = ClientBudgets(lim.requests_per_min, lim.request_burst)
+        self._ids = itertools.count(1)
+
+    def ready_event(self) -> dict[str, Any]:
+        return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": self.generator.codec.sample_rate,
+                "frame_samples": self.generator.codec.frame_size, "num_codebooks": self.generator.num_codebooks,
+                "model": self.model_name, "limits": dataclasses.asdict(self.config.limits),
+                "defaults": dataclasses.asdict(self.config.generation)}
+
+    def error(self, code: str) -> None:
+        self.metrics.errors.labels(code).inc()
+
+    def charge(self, client: str) -> None:
+        """Count one request (a response or an audio turn) against `client`'s budget; `rate_limited` when spent."""
+        if not self.clients.take(client):
+            lim = self.config.limits
+            raise ProtocolError("rate_limited", f"over {lim.requests_per_min:g} requests per minute (burst "
+                                                f"{lim.request_burst}) from this client; try again later")
+
+    def speech_params(self, msg: dict[str, Any], text_field: str, speaker: int) -> SpeechParams:
+        """Text and sampling settings of a `say` event or an HTTP speech body (server defaults fill the gaps)."""
+        gen, defaults, lim = self.generator, self.config.generation, self.config.limits
+        text = str_field(msg, text_field, lim.max_text_chars)
+        if not text.strip():
+            raise ProtocolError("bad_field", f"field {text_field!r} must not be empty")
+        max_ms = int_field(msg, "max_audio_ms", FRAME_MS, lim.max_audio_ms, min(defaults.max_audio_ms,
+                                                                                 lim.max_audio_ms))
+        return SpeechParams(text, speaker, max_ms // FRAME_MS, float_field(msg, "temperature", defaults.temperature),
+                            int_field(msg, "top_k", 1, gen.cfg.audio_vocab_size, defaults.top_k),
+                            int_field(msg, "seed", 0, 2**32 - 1, secrets.randbelow(2**31)))
+
+    def check_queue(self) -> None:
+        if self.scheduler.queued >= self.config.limits.max_queued:
+            raise ProtocolError("overloaded", f"{self.scheduler.queued} responses are waiting for the engine; "
+                                              "try again shortly")
+
+    async def prompt(self, conversation_id: str | None, params: SpeechParams) -> Prompt:
+        """The conversation's recent turns (none for None) then the target text; `context_full` if it cannot fit."""
+        try:
+            return await asyncio.to_thread(self.manager.build_prompt, conversation_id, params.text, params.speaker,
+                                           params.max_frames)
+        except ContextFull as e:
+            raise ProtocolError("context_full", str(e)) from None
+        except UnknownConversation:
+            raise ProtocolError("unknown_conversation", f"no conversation with id {conversation_id!r}") from None
+
+    def submit(self, prompt: Prompt, params: SpeechParams, on_frame: Callable[[np.ndarray], None],
+               on_done: Callable[[Result], None]) -> Request:
+        """Queue a request on the engine (callbacks run on the engine thread and must not block)."""
+        frames = self.metrics.frames
+
+        def frame(pcm: np.ndarray) -> None:
+            frames.inc()
+            on_frame(pcm)
+
+        request = Request(prompt.tokens, prompt.mask, params.max_frames, params.temperature, params.top_k,
+                          params.seed, on_frame=frame, on_done=on_done)
+        self.scheduler.submit(request)
+        return request
+
+    def next_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def finished(self, api: str, request_id: str, result: Result, client: str, **extra: Any) -> dict[str, Any]:
+        """Record a finished response (metrics, one log line) -> its summary: frames, audio_ms, ttfa_ms, rtf."""
+        audio_ms = result.frames * FRAME_MS
+        elapsed = result.finished - result.started
+        ttfa = None if result.first_frame is None else result.first_frame - result.started
+        rtf = elapsed / (audio_ms / 1e3) if audio_ms else None
+        self.metrics.requests.labels(api, result.stop_reason).inc()
+        if ttfa is not None:
+            self.metrics.ttfa.observe(ttfa)
+        if rtf is not None:
+            self.metrics.rtf.observe(rtf)
+        summary = {"frames": result.frames, "audio_ms": audio_ms,
+                   "ttfa_ms": None if ttfa is None else round(ttfa * 1e3, 1),
+                   "rtf": None if rtf is None else round(rtf, 4), "stop_reason": result.stop_reason}
+        details = " ".join(f"{k}={v}" for k, v in {**summary, **extra}.items())
+        log.info("%s %s client=%s %s", api, request_id, client, details)
+        return summary
