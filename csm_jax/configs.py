@@ -9,8 +9,8 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], d: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from `d`, recursing into dataclass-typed fields (those whose default is a dataclass
-    instance); raises ValueError naming any unknown key and the known ones."""
+    """Build dataclass `cls` from `d`, recursing into dataclass-typed fields (those whose default, or default
+    factory, is a dataclass); raises ValueError naming any unknown key and the known ones."""
     if not isinstance(d, dict):
         raise ValueError(f"config {where.rstrip('.') or 'root'} must be a mapping, got {d!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -20,9 +20,11 @@ def from_dict(cls: type[T], d: dict[str, Any], where: str = "") -> T:
                          f"known under {where.rstrip('.') or 'the root'}: {sorted(fields)}")
     kwargs = {}
     for name, value in d.items():
-        default = fields[name].default
-        if dataclasses.is_dataclass(default) and value is not None:
-            value = from_dict(type(default), value, f"{where}{name}.")
+        field = fields[name]
+        default = field.default_factory if field.default_factory is not dataclasses.MISSING else field.default
+        kind = default if isinstance(default, type) else type(default)
+        if dataclasses.is_dataclass(kind) and value is not None:
+            value = from_dict(kind, value, f"{where}{name}.")
         kwargs[name] = _tuples(value)
     try:
         return cls(**kwargs)

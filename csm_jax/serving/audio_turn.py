@@ -17,7 +17,8 @@ ENCODINGS = ("pcm16", "float32", "file")
 
 
 class AudioTurn:
-    """`push(bytes)` per chunk, then `finish() -> codes int32 [T, num_codebooks]`. Raises AudioError on bad audio."""
+    """`push(bytes)` per chunk, then `finish() -> codes int32 [T, num_codebooks]`; `audio` is the turn at 24 kHz
+    (float32 [N], for the transcriber). Raises AudioError on bad audio."""
 
     def __init__(self, codec: MimiCodec, num_codebooks: int, *, speaker: int, sample_rate: int,
                  encoding: str = "pcm16", channels: int = 1, transcript: str = "", max_seconds: float = 60.0):
@@ -31,6 +32,7 @@ class AudioTurn:
                                                               encoding=encoding, max_seconds=max_seconds)
         self._encoder = codec.stream_encoder(1)
         self._buffer = np.zeros((0,), np.float32)
+        self._audio: list[np.ndarray] = []
         self._codes: list[np.ndarray] = []
         # The byte budget of a max_seconds file at 96 kHz, stereo, 32-bit (a 45 s 96 kHz 24-bit stereo WAV fits);
         # the decoded length is checked against max_seconds from the header, before decoding.
@@ -43,20 +45,19 @@ class AudioTurn:
                                    "32-bit audio)")
             self._file.extend(data)
             return
-        self._buffer = np.concatenate([self._buffer, self._pcm.push(data)])
-        self._encode_whole_frames()
+        self._take(self._pcm.push(data))
 
     def finish(self) -> np.ndarray:
         if self._pcm is None:
             if not self._file:
                 raise AudioError("audio turn is empty (no bytes received)")
-            audio = load_audio(bytes(self._file), max_seconds=self.max_seconds)
             # Through the streaming encoder (compiled once), not an offline encode that compiles for every new
             # length and stalls every stream; the codes are the same (streaming == offline on whole frames).
-            self._buffer = np.pad(audio, (0, -len(audio) % self.frame))
+            self._take(load_audio(bytes(self._file), max_seconds=self.max_seconds))
+            self._buffer = np.pad(self._buffer, (0, -len(self._buffer) % self.frame))
             self._encode_whole_frames()
             return np.stack(self._codes).astype(np.int32)
-        self._buffer = np.concatenate([self._buffer, self._pcm.finish()])
+        self._take(self._pcm.finish())
         if self._pcm.frames_in == 0:
             raise AudioError("audio turn is empty (no samples received)")
         if len(self._buffer) % self.frame:
@@ -66,6 +67,16 @@ class AudioTurn:
         if not self._codes:
             raise AudioError("audio turn is too short: it makes no sample at 24 kHz")
         return np.stack(self._codes).astype(np.int32)
+
+    @property
+    def audio(self) -> np.ndarray:
+        """The samples received so far, float32 [N] at 24 kHz (before the frame padding)."""
+        return np.concatenate(self._audio) if self._audio else np.zeros((0,), np.float32)
+
+    def _take(self, samples: np.ndarray) -> None:
+        self._audio.append(samples)
+        self._buffer = np.concatenate([self._buffer, samples])
+        self._encode_whole_frames()
 
     def _encode_whole_frames(self) -> None:
         n = len(self._buffer) // self.frame

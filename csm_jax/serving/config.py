@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from csm_jax.configs import from_dict
+from csm_jax.dialogue.transcriber import TranscriberConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class ServeConfig:
     limits: Limits = Limits()
     generation: GenerationDefaults = GenerationDefaults()
     context: ContextConfig = ContextConfig()
+    transcriber: TranscriberConfig = dataclasses.field(default_factory=TranscriberConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServeConfig:

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from csm_jax.audio.processor import AudioError, AudioTooLong
+from csm_jax.audio.processor import SAMPLE_RATE, AudioError, AudioTooLong
 from csm_jax.conversation import UnknownConversation
+from csm_jax.dialogue.transcriber import TranscriptionError
 from csm_jax.serving.audio_turn import ENCODINGS, AudioTurn
 from csm_jax.serving.fields import MAX_ID_CHARS, ProtocolError, int_field, parse_object, str_field, valid_id
 from csm_jax.serving.scheduler import Request, Result
@@ -237,9 +238,18 @@ class Connection:
         except AudioError as e:
             code = "audio_too_long" if isinstance(e, AudioTooLong) else "bad_audio"
             raise ProtocolError(code, f"{e}; the audio turn was discarded") from None
+        transcribed = False
+        if not transcript.strip() and self.service.transcriber is not None:
+            try:
+                transcript = await asyncio.to_thread(self.service.transcriber.transcribe, turn.audio, SAMPLE_RATE)
+                transcribed = True
+            except TranscriptionError as e:  # the turn is kept, as audio only
+                log.warning("transcription failed: %s", e)
+                self.error("transcription_failed", f"{e}; the turn is stored without a transcript", msg)
         stored = await asyncio.to_thread(self.service.manager.add_turn, self._need_session(), turn.speaker,
                                          transcript, codes, "user")
-        self.send({"type": "turn.stored", "turn": stored.summary(), "frames": stored.frames}, msg)
+        self.send({"type": "turn.stored", "turn": stored.summary(), "frames": stored.frames,
+                   "transcribed": transcribed}, msg)
 
     async def on_audio_cancel(self, msg: dict[str, Any]) -> None:
         if self.audio_turn is None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from csm_jax.conversation import ConversationManager
 from csm_jax.csm.generator import Generator
+from csm_jax.dialogue.transcriber import build_transcriber
 from csm_jax.serving.config import NetConfig, ServeConfig
 from csm_jax.serving.http import ready_line, start_http
 from csm_jax.serving.scheduler import Scheduler
@@ -77,8 +78,9 @@ def build_service(config: ServeConfig) -> Service:
     if config.engine.warmup_rows:
         t = scheduler.warmup(config.engine.warmup_rows)
         log.info("warmup (compilation) took %.1f s", t)
+    transcriber = build_transcriber(config.transcriber)
     scheduler.start()
-    return Service(config, generator, scheduler, manager, name)
+    return Service(config, generator, scheduler, manager, name, transcriber)
 
 
 async def start_server(service: Service) -> tuple[web.AppRunner, tuple[str, int]]:

@@ -17,6 +17,7 @@ import numpy as np
 from csm_jax.conversation import ContextFull, ConversationManager, UnknownConversation
 from csm_jax.conversation.manager import Prompt
 from csm_jax.csm.generator import FRAME_MS, Generator
+from csm_jax.dialogue.transcriber import Transcriber
 from csm_jax.serving.config import ServeConfig
 from csm_jax.serving.fields import ProtocolError, float_field, int_field, str_field
 from csm_jax.serving.metrics import ServerMetrics
@@ -69,6 +70,7 @@ class Service:
     scheduler: Scheduler
     manager: ConversationManager
     model_name: str
+    transcriber: Transcriber | None = None
     connections: int = 0  # open WebSockets
     metrics: ServerMetrics = dataclasses.field(init=False)
     clients: ClientBudgets = dataclasses.field(init=False)
