@@ -12,6 +12,7 @@ from csm_jax.serving import ServeConfig, serve_forever
 @hydra.main(version_base="1.3", config_path="../configs", config_name="serve")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("csm_jax").setLevel(logging.INFO)
+    logging.getLogger("jax").setLevel(logging.WARNING)  # not its INFO lines about backends this machine lacks
     config = ServeConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
     try:
         asyncio.run(serve_forever(config))
