@@ -21,10 +21,9 @@ def from_dict(cls: type[T], d: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in d.items():
         field = fields[name]
-        default = field.default_factory if field.default_factory is not dataclasses.MISSING else field.default
-        kind = default if isinstance(default, type) else type(default)
-        if dataclasses.is_dataclass(kind) and value is not None:
-            value = from_dict(kind, value, f"{where}{name}.")
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if dataclasses.is_dataclass(default) and value is not None:
+            value = from_dict(type(default), value, f"{where}{name}.")
         kwargs[name] = _tuples(value)
     try:
         return cls(**kwargs)

@@ -1,14 +1,23 @@
 """The voice-conversation loop on the real server: user audio turns are transcribed (the server's default
-pocketsphinx), stored with their text, and prompt the next response as text rows plus audio rows."""
+pocketsphinx), stored with their text, and prompt the next response as text rows plus audio rows; talk mode (voice
+activity ends the user's turns, a scripted OpenAI-compatible chat server writes the replies, spoken sentence by
+sentence, barge-in) and its faults."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile as sf
-from serve_fixtures import Client, LiveServer, run
+import soxr
+from chat_server import ChatServer, Piece
+from serve_fixtures import Client, LiveServer, run, start_server_process
 from speech_data import TEXTS
 
 from csm_jax.conversation import ConversationManager, SQLiteStore
@@ -55,3 +64,205 @@ def test_a_spoken_turn_is_transcribed_stored_and_prompts_the_reply(live_server: 
     assert started["context_turns"] == 1 and started["prompt_rows"] == len(tokens) + len(target)
     assert len(tokens) > len(text_only) and mask[:, -1].any() and mask[:, :-1].any()  # text rows and audio rows
     np.testing.assert_array_equal(prompt.tokens[: len(tokens)], tokens)
+
+
+# ------------------------------------------------------------------------------------------------ talk mode ---
+class Talker:
+    """A talk-mode client: streams a microphone (speech clips between silence, 4x faster than real time) and
+    records every event and binary frame with its arrival order."""
+
+    CHUNK = 1920  # 80 ms at 24 kHz
+
+    def __init__(self, client: Client):
+        self.c = client
+        self.log: list[Any] = []  # dict events and bytes frames, in arrival order
+        self.speech: list[np.ndarray] = []
+        self.arrived = asyncio.Event()
+
+    async def read(self) -> None:
+        async for message in self.c.ws:
+            self.log.append(message if isinstance(message, bytes) else json.loads(message))
+            self.arrived.set()
+
+    async def mic(self) -> None:
+        silence = np.zeros(self.CHUNK, "<i2")
+        while True:
+            audio = self.speech.pop(0) if self.speech else silence
+            for i in range(0, len(audio), self.CHUNK):
+                await self.c.ws.send(audio[i:i + self.CHUNK].tobytes())
+                await asyncio.sleep(0.02)
+
+    async def wait(self, predicate: Any, timeout: float = 300) -> Any:
+        """The first logged item (in order) satisfying `predicate`, waiting for it."""
+        async with asyncio.timeout(timeout):
+            seen = 0
+            while True:
+                for item in self.log[seen:]:
+                    if predicate(item):
+                        return item
+                seen = len(self.log)
+                self.arrived.clear()
+                await self.arrived.wait()
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.log if isinstance(e, dict) and e.get("type") == kind]
+
+
+def is_event(kind: str, **fields: Any) -> Any:
+    return lambda e: isinstance(e, dict) and e.get("type") == kind and all(e.get(k) == v for k, v in fields.items())
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ChatServer]:
+    yield from ChatServer().serve()
+
+
+@pytest.fixture(scope="module")
+def talk_server(tmp_path_factory: pytest.TempPathFactory, xla_cache: Path, chat: ChatServer) -> Iterator[LiveServer]:
+    server = start_server_process(tmp_path_factory.mktemp("talk"), xla_cache, "responder.backend=openai",
+                                  f"responder.base_url={chat.url}", "responder.first_token_timeout_s=5",
+                                  "turn_taking.end_silence_ms=500")
+    yield server
+    server.stop()
+
+
+def speech_24k() -> np.ndarray:
+    audio, rate = sf.read(DATA / "speech_3s.wav", dtype="float32")
+    return (soxr.resample(audio, rate, 24_000) * 32767).astype("<i2")
+
+
+def test_talk_mode_answers_a_spoken_question_sentence_by_sentence(talk_server: LiveServer, chat: ChatServer
+                                                                  ) -> None:
+    gate = threading.Event()
+    chat.script = [[Piece("Nice to hear you. "), Piece("Tell me more ", gate), Piece("about it.")]]
+
+    async def go() -> tuple[Talker, list[Any]]:
+        t = Talker(await Client.open(talk_server.ws_url))
+        cid = (await t.c.start())["conversation_id"]
+        reader = asyncio.create_task(t.read())
+        await t.c.send({"type": "talk.start", "speaker": 1, "reply_speaker": 0, "sample_rate": 24_000,
+                        "max_audio_ms": 480, "seed": 4})
+        await t.wait(is_event("talk.started"))
+        mic = asyncio.create_task(t.mic())
+        t.speech.append(speech_24k())
+        first = await t.wait(lambda e: isinstance(e, bytes))  # the first sentence is heard ...
+        early = [e.get("text") for e in t.events("reply.delta")]  # ... before the rest of the reply exists
+        gate.set()
+        await t.wait(is_event("reply.done"))
+        await t.c.send({"type": "talk.stop"})
+        await t.wait(is_event("talk.stopped"))
+        mic.cancel()
+        await t.c.send({"type": "history"})
+        history = await t.wait(is_event("history"))
+        reader.cancel()
+        await t.c.close()
+        return t, [cid, first, early, history]
+
+    t, (cid, _, early, history) = run(go())
+    assert early == ["Nice to hear you. "], early
+    kinds = [e["type"] if isinstance(e, dict) else "frame" for e in t.log]
+    order = [k for k in kinds if k != "frame"]
+    assert order.index("speech.started") < order.index("speech.stopped") < order.index("turn.stored") \
+        < order.index("reply.started") < order.index("response.started")
+    stored = t.events("turn.stored")[0]
+    assert stored["transcribed"] and stored["turn"]["source"] == "user" and stored["turn"]["speaker"] == 1
+    done = t.events("reply.done")[0]
+    assert done["text"] == "Nice to hear you. Tell me more about it." and not done["interrupted"]
+    spoken = t.events("response.done")
+    assert [d["reply_id"] for d in spoken] == [done["reply_id"]] * 2 and all(d["frames"] > 0 for d in spoken)
+    assert kinds.count("frame") == sum(d["frames"] for d in spoken)
+    turns = history["turns"]
+    assert [(x["source"], x["text"]) for x in turns] == [
+        ("user", stored["turn"]["text"]), ("generated", "Nice to hear you."), ("generated", "Tell me more about it.")]
+    # the responder saw the conversation: the transcript as the user's message
+    assert chat.requests[-1]["messages"][-1] == {"role": "user", "content": stored["turn"]["text"]}
+    assert chat.requests[-1]["stream"] is True
+
+
+def test_barge_in_stops_the_reply_within_two_frames_and_keeps_what_was_sent(talk_server: LiveServer,
+                                                                            chat: ChatServer) -> None:
+    chat.script = [[Piece("This is a long answer that goes on and on. "), Piece("And on.")], [Piece("Sure.")]]
+
+    async def go() -> Talker:
+        t = Talker(await Client.open(talk_server.ws_url))
+        await t.c.start()
+        reader = asyncio.create_task(t.read())
+        await t.c.send({"type": "talk.start", "speaker": 1, "reply_speaker": 0, "sample_rate": 24_000,
+                        "max_audio_ms": 20_000, "seed": 5})
+        await t.wait(is_event("talk.started"))
+        mic = asyncio.create_task(t.mic())
+        t.speech.append(speech_24k())
+        await t.wait(lambda e: isinstance(e, bytes))  # the long reply is playing: interrupt it
+        t.speech.append(speech_24k())
+        await t.wait(is_event("response.done", stop_reason="interrupted"))
+        await t.wait(is_event("reply.done", interrupted=False))  # the answer to the interruption
+        mic.cancel()
+        await t.c.send({"type": "history"})
+        await t.wait(is_event("history"))
+        reader.cancel()
+        await t.c.close()
+        return t
+
+    t = run(go())
+    cut = t.events("response.done")[0]
+    assert cut["stop_reason"] == "interrupted" and cut["turn_id"] is not None
+    second_start = [i for i, e in enumerate(t.log) if isinstance(e, dict) and e.get("type") == "speech.started"][1]
+    done_at = t.log.index(cut)
+    after = sum(isinstance(e, bytes) for e in t.log[second_start:done_at])
+    assert after <= 2, after  # cancelled within 2 frames of the detected speech
+    sent = sum(isinstance(e, bytes) for e in t.log[:done_at])
+    assert cut["frames"] == sent < 250  # 20 s would be 250 frames
+    first_reply = t.events("reply.done")[0]
+    assert first_reply["interrupted"] is True
+    turns = t.events("history")[0]["turns"]
+    kept = [x for x in turns if x["turn_id"] == cut["turn_id"]][0]
+    assert kept["frames"] == sent and kept["source"] == "generated"
+    assert [x["source"] for x in turns] == ["user", "generated", "user", "generated"]
+
+
+def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: LiveServer, chat: ChatServer
+                                                                   ) -> None:
+    async def one_turn(t: Talker) -> dict[str, Any]:
+        t.speech.append(speech_24k())
+        done = await t.wait(lambda e: is_event("reply.done")(e) and e not in seen)
+        seen.append(done)
+        return done
+
+    seen: list[Any] = []
+
+    async def go() -> Talker:
+        t = Talker(await Client.open(talk_server.ws_url))
+        await t.c.start()
+        reader = asyncio.create_task(t.read())
+        await t.c.send({"type": "talk.stop"})
+        await t.wait(is_event("error", code="not_talking"))
+        await t.c.send({"type": "talk.start", "speaker": 1, "sample_rate": 24_000, "max_audio_ms": 160})
+        await t.wait(is_event("talk.started"))
+        mic = asyncio.create_task(t.mic())
+        await t.c.send({"type": "say", "text": "Typed.", "speaker": 0})
+        await t.wait(lambda e: is_event("error", code="busy")(e))
+        await t.c.ws.send(b"\x00")  # half a sample: dropped, talk mode goes on
+        await t.wait(lambda e: is_event("error", code="bad_audio")(e))
+        chat.status = 500
+        await one_turn(t)
+        await t.wait(lambda e: is_event("error", code="responder_error")(e))
+        chat.status = 200
+        chat.script = [[Piece("Fine.")]]
+        await one_turn(t)
+        mic.cancel()
+        await t.c.send({"type": "history"})
+        await t.wait(is_event("history"))
+        reader.cancel()
+        await t.c.close()
+        return t
+
+    try:
+        t = run(go())
+    finally:
+        chat.status = 200
+    assert t.events("error")[0]["code"] == "not_talking"
+    error = [e for e in t.events("error") if e["code"] == "responder_error"][0]
+    assert "500" in error["message"] and "Traceback" not in error["message"]
+    turns = t.events("history")[0]["turns"]
+    assert [x["source"] for x in turns] == ["user", "user", "generated"]  # the failed reply kept its user turn
+    assert [d["text"] for d in t.events("reply.done")] == ["", "Fine."]

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from csm_jax.configs import from_dict
+from csm_jax.dialogue.responder import ResponderConfig
 from csm_jax.dialogue.transcriber import TranscriberConfig
+from csm_jax.dialogue.turn_taking import TurnTakingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,8 @@ class ServeConfig:
     generation: GenerationDefaults = GenerationDefaults()
     context: ContextConfig = ContextConfig()
     transcriber: TranscriberConfig = dataclasses.field(default_factory=TranscriberConfig)
+    turn_taking: TurnTakingConfig = dataclasses.field(default_factory=lambda: TurnTakingConfig(vad=True))
+    responder: ResponderConfig = dataclasses.field(default_factory=ResponderConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServeConfig:

@@ -7,6 +7,7 @@ runs on the scheduler's engine thread, audio decoding and database writes in wor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -21,7 +22,8 @@ from csm_jax.dialogue.transcriber import TranscriptionError
 from csm_jax.serving.audio_turn import ENCODINGS, AudioTurn
 from csm_jax.serving.fields import MAX_ID_CHARS, ProtocolError, int_field, parse_object, str_field, valid_id
 from csm_jax.serving.scheduler import Request, Result
-from csm_jax.serving.service import Service
+from csm_jax.serving.service import Service, SpeechParams
+from csm_jax.serving.talk import Talk
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class Connection:
         self.request: Request | None = None
         self.request_meta: dict[str, Any] = {}
         self.audio_turn: AudioTurn | None = None
+        self.talk: Talk | None = None
         self.responses = 0
         self.conversations = 0
         self.tokens, self.refilled = float(self.limits.message_burst), time.monotonic()  # message token bucket
@@ -73,6 +76,8 @@ class Connection:
                 await self.dispatch(message)
         finally:
             self.closed = True
+            if self.talk is not None:
+                self.talk.close()
             if self.request is not None:
                 self.request.cancel()
             self.audio_turn = None
@@ -100,7 +105,7 @@ class Connection:
                 raise ProtocolError("too_large", f"message of {size} bytes is over the limit of "
                                                  f"{self.limits.max_message_bytes}; it was dropped")
             if isinstance(message, bytes):
-                await self.on_audio_chunk(message)
+                await (self.talk.push(message) if self.talk is not None else self.on_audio_chunk(message))
                 return
             parsed = parse_object(message)
             if "id" in parsed and not valid_id(parsed["id"]):
@@ -127,6 +132,8 @@ class Connection:
     def _need_idle(self) -> None:
         if self.request is not None or self.audio_turn is not None:
             raise ProtocolError("busy", "a response or an audio turn is already in progress; finish or cancel it")
+        if self.talk is not None:
+            raise ProtocolError("busy", "talk mode is on (send talk.stop first)")
 
     async def on_session_start(self, msg: dict[str, Any]) -> None:
         cid = None if msg.get("conversation_id") is None else str_field(msg, "conversation_id", MAX_ID_CHARS)
@@ -152,14 +159,38 @@ class Connection:
         params = service.speech_params(msg, "text", int_field(msg, "speaker", 0, 2**31 - 1))
         service.check_queue()
         service.charge(self.client)
+        await self._respond(cid, params, msg)
+
+    async def _respond(self, cid: str, params: SpeechParams, reply_to: dict[str, Any] | None,
+                       extra: dict[str, Any] | None = None) -> asyncio.Future[Result]:
+        """Start a response (`response.started`, frames, `response.done`); -> a future of its Result."""
+        service = self.service
         prompt = await service.prompt(cid, params)
+        if self.request is not None:
+            raise ProtocolError("busy", "a response is already in progress")
         self.responses += 1
         response_id = f"r-{self.responses}"
-        self.request_meta = {"response_id": response_id, "params": params, "reply_to": msg,
-                             "log_id": service.next_id("ws")}
+        future: asyncio.Future[Result] = self.loop.create_future()
+        self.request_meta = {"response_id": response_id, "params": params, "reply_to": reply_to,
+                             "log_id": service.next_id("ws"), "extra": extra or {}, "future": future}
         self.send({"type": "response.started", "response_id": response_id, "context_turns": prompt.context_turns,
-                   "prompt_rows": prompt.rows}, msg)
+                   "prompt_rows": prompt.rows, **(extra or {})}, reply_to)
         self.request = service.submit(prompt, params, self._frame_from_engine, self._done_from_engine)
+        return future
+
+    async def speak(self, params: SpeechParams, extra: dict[str, Any]) -> Result:
+        """A response the server starts itself (a talk-mode reply sentence); returns when it has ended."""
+        self.service.check_queue()
+        future = await self._respond(self._need_session(), params, None, extra)
+        return await asyncio.shield(future)  # a cancelled caller (barge-in) leaves the response to finish
+
+    def interrupt_response(self) -> asyncio.Future[Result] | None:
+        """Stop the response in progress at its next frame, keeping what was sent; -> its future."""
+        if self.request is None:
+            return None
+        self.request_meta["interrupted"] = True
+        self.request.cancel()
+        return self.request_meta["future"]
 
     def _frame_from_engine(self, pcm: np.ndarray) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.outbox.put_nowait, pcm.tobytes())
@@ -171,8 +202,10 @@ class Connection:
         meta, service = self.request_meta, self.service
         params = meta["params"]
         turn_id = None
+        if result.stop_reason == "cancelled" and meta.get("interrupted"):
+            result = dataclasses.replace(result, stop_reason="interrupted")  # barge-in: keep what was sent
         try:
-            if result.stop_reason in ("eos", "max_length") and result.frames and not self.closed:
+            if result.stop_reason in ("eos", "max_length", "interrupted") and result.frames and not self.closed:
                 turn = await asyncio.to_thread(service.manager.add_turn, self.conversation_id, params.speaker,
                                                params.text, result.codes, "generated")
                 turn_id = turn.turn_id
@@ -183,13 +216,15 @@ class Connection:
             return
         finally:
             self.request, self.request_meta = None, {}
+            if not meta["future"].done():
+                meta["future"].set_result(result)
         summary = service.finished("ws", meta["log_id"], result, self.client, conversation=self.conversation_id)
         if result.stop_reason == "error":
             log.error("generation failed: %s", result.error)
             self.error("internal", "generation failed; see the server log", meta["reply_to"])
             return
-        self.send({"type": "response.done", "response_id": meta["response_id"], **summary, "turn_id": turn_id},
-                  meta["reply_to"])
+        self.send({"type": "response.done", "response_id": meta["response_id"], **summary, "turn_id": turn_id,
+                   **meta["extra"]}, meta["reply_to"])
 
     async def on_cancel(self, msg: dict[str, Any]) -> None:
         if self.request is None:
@@ -257,6 +292,36 @@ class Connection:
         self.audio_turn = None
         self.send({"type": "audio.cancelled"}, msg)
 
+    async def on_talk_start(self, msg: dict[str, Any]) -> None:
+        self._need_session()
+        self._need_idle()
+        service = self.service
+        if not service.config.turn_taking.vad:
+            raise ProtocolError("bad_field", "talk mode is off on this server (turn_taking.vad=false)")
+        speaker = int_field(msg, "speaker", 0, 2**31 - 1)
+        reply_speaker = int_field(msg, "reply_speaker", 0, 2**31 - 1, 0)
+        rate = int_field(msg, "sample_rate", 8000, 192_000)
+        encoding = msg.get("encoding", "pcm16")
+        if encoding not in ("pcm16", "float32"):
+            raise ProtocolError("bad_field", f"field 'encoding' must be 'pcm16' or 'float32', got {encoding!r:.40}")
+        channels = int_field(msg, "channels", 1, 8, 1)
+        sampling = service.sampling(Talk.fields(msg), "-", reply_speaker)
+        service.charge(self.client)
+        self.talk = Talk(self, speaker=speaker, reply_speaker=reply_speaker, sample_rate=rate, encoding=encoding,
+                         channels=channels, sampling=sampling)
+        tt = service.config.turn_taking
+        self.send({"type": "talk.started", "responder": service.responder is not None,
+                   "vad": {"end_silence_ms": tt.end_silence_ms, "min_speech_ms": tt.min_speech_ms,
+                           "barge_in": tt.barge_in}}, msg)
+
+    async def on_talk_stop(self, msg: dict[str, Any]) -> None:
+        talk = self.talk
+        if talk is None:
+            raise ProtocolError("not_talking", "talk mode is not on")
+        self.talk = None
+        await talk.stop()
+        self.send({"type": "talk.stopped"}, msg)
+
     async def on_history(self, msg: dict[str, Any]) -> None:
         cid = self._need_session()
         limit = None if msg.get("limit") is None else int_field(msg, "limit", 1, 1_000_000)
@@ -271,4 +336,6 @@ class Connection:
         "audio.end": on_audio_end,
         "audio.cancel": on_audio_cancel,
         "history": on_history,
+        "talk.start": on_talk_start,
+        "talk.stop": on_talk_stop,
     }

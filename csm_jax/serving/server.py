@@ -13,6 +13,7 @@ from aiohttp import web
 
 from csm_jax.conversation import ConversationManager
 from csm_jax.csm.generator import Generator
+from csm_jax.dialogue.responder import build_responder
 from csm_jax.dialogue.transcriber import build_transcriber
 from csm_jax.serving.config import NetConfig, ServeConfig
 from csm_jax.serving.http import ready_line, start_http
@@ -79,8 +80,9 @@ def build_service(config: ServeConfig) -> Service:
         t = scheduler.warmup(config.engine.warmup_rows)
         log.info("warmup (compilation) took %.1f s", t)
     transcriber = build_transcriber(config.transcriber)
+    responder = build_responder(config.responder)
     scheduler.start()
-    return Service(config, generator, scheduler, manager, name, transcriber)
+    return Service(config, generator, scheduler, manager, name, transcriber, responder)
 
 
 async def start_server(service: Service) -> tuple[web.AppRunner, tuple[str, int]]:

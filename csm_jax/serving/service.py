@@ -17,6 +17,7 @@ import numpy as np
 from csm_jax.conversation import ContextFull, ConversationManager, UnknownConversation
 from csm_jax.conversation.manager import Prompt
 from csm_jax.csm.generator import FRAME_MS, Generator
+from csm_jax.dialogue.responder import Responder
 from csm_jax.dialogue.transcriber import Transcriber
 from csm_jax.serving.config import ServeConfig
 from csm_jax.serving.fields import ProtocolError, float_field, int_field, str_field
@@ -71,6 +72,7 @@ class Service:
     manager: ConversationManager
     model_name: str
     transcriber: Transcriber | None = None
+    responder: Responder | None = None
     connections: int = 0  # open WebSockets
     metrics: ServerMetrics = dataclasses.field(init=False)
     clients: ClientBudgets = dataclasses.field(init=False)
@@ -100,10 +102,14 @@ class Service:
 
     def speech_params(self, msg: dict[str, Any], text_field: str, speaker: int) -> SpeechParams:
         """Text and sampling settings of a `say` event or an HTTP speech body (server defaults fill the gaps)."""
-        gen, defaults, lim = self.generator, self.config.generation, self.config.limits
-        text = str_field(msg, text_field, lim.max_text_chars)
+        text = str_field(msg, text_field, self.config.limits.max_text_chars)
         if not text.strip():
             raise ProtocolError("bad_field", f"field {text_field!r} must not be empty")
+        return self.sampling(msg, text, speaker)
+
+    def sampling(self, msg: dict[str, Any], text: str, speaker: int) -> SpeechParams:
+        """`text` by `speaker` with the sampling fields of `msg` (`max_audio_ms`, `temperature`, `top_k`, `seed`)."""
+        gen, defaults, lim = self.generator, self.config.generation, self.config.limits
         max_ms = int_field(msg, "max_audio_ms", FRAME_MS, lim.max_audio_ms, min(defaults.max_audio_ms,
                                                                                  lim.max_audio_ms))
         return SpeechParams(text, speaker, max_ms // FRAME_MS, float_field(msg, "temperature", defaults.temperature),

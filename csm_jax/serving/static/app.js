@@ -7,6 +7,8 @@ const DEFAULT_SAMPLE_RATE = 24000;
 const DEFAULT_FRAME_SAMPLES = 1920;
 const PLAYBACK_LEAD_S = 0.12; // jitter buffer before the first frame of a response (and after an underrun)
 const RECORD_CHUNK_S = 0.1; // size of the binary chunks of a recorded user turn
+const TALK_CHUNK_S = 0.08; // size of the microphone chunks in talk mode (small: the server hears speech end sooner)
+const TALK_QUEUE_MAX_S = 10; // microphone audio kept while waiting for talk.started (older audio is dropped)
 const MAX_ERRORS_SHOWN = 50;
 
 // Test/automation hook: kept up to date as events arrive.
@@ -18,6 +20,7 @@ const hook = {
   samplesReceived: 0,
   totalFrames: 0, // all binary frames on this page
   framesScheduled: 0, // frames handed to WebAudio
+  framesPlayed: 0, // frames WebAudio finished playing (not counting frames stopped by cancel or barge-in)
   underruns: 0,
   lastStarted: null,
   lastDone: null,
@@ -29,6 +32,18 @@ const hook = {
   errors: [],
   events: [], // every JSON event received
   sent: [], // every JSON event sent
+  talk: {
+    active: false, // from pressing Talk until talk.stopped (or its failure)
+    state: "off", // off, starting, listening, you are speaking, thinking, speaking, stopping
+    sampleRate: null, // of the microphone
+    sentSamples: 0, // microphone samples sent to the server
+    started: null, // the talk.started event
+    stopped: null, // the talk.stopped event
+    turns: [], // the user's turns stored in talk mode: turn.stored's `turn` plus `transcribed`
+    replies: [], // {reply_id, text, done, interrupted, responses: [response.done...], framesReceived,
+    //             framesScheduled, framesPlayed}
+    events: [], // the talk-mode events received: talk.*, speech.*, reply.*, the replies' responses, turns, errors
+  },
   playback() {
     // Snapshot of the playback AudioContext: its state, clock and where the next frame will start.
     const ctx = state.play.ctx;
@@ -47,7 +62,8 @@ const state = {
   pending: new Map(), // request id -> type
   response: null, // {requestId, responseId, cancelled, sentAt, firstFrameAt, frames}
   recording: null,
-  play: {ctx: null, gain: null, nextTime: 0, sources: new Set()},
+  talk: null, // {phase: "starting" | "on" | "stopping", requestId, started, queue, ...}: talk mode on this page
+  play: {ctx: null, gain: null, nextTime: 0, sources: new Set(), stopped: new WeakSet()},
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
@@ -224,6 +240,14 @@ function onDisconnected(event) {
     state.response = null;
   }
   if (state.recording !== null) abortRecording("connection closed");
+  if (state.talk !== null) endTalk("connection closed");
+  for (const reply of hook.talk.replies) {
+    if (!reply.done) {
+      reply.done = true;
+      reply.lost = true; // the connection closed before its reply.done
+      renderReply(reply);
+    }
+  }
   let text = `Disconnected (code ${event.code}${event.reason ? `: ${event.reason}` : ""})`;
   if (!wasReady && event.code === 1006) {
     text += " — handshake refused or server unreachable (token? origin?)";
@@ -238,6 +262,7 @@ function onDisconnected(event) {
 function handleEvent(ev) {
   hook.events.push(ev);
   const id = ev.id;
+  if (isTalkEvent(ev)) hook.talk.events.push(ev);
   switch (ev.type) {
     case "ready":
       onReady(ev);
@@ -257,9 +282,36 @@ function handleEvent(ev) {
       state.pending.delete(id);
       onAudioStarted(ev);
       break;
-    case "turn.stored":
+    case "turn.stored": {
+      // Turns of talk mode come unasked (no id); a recorded turn answers its audio.end.
+      const answered = state.pending.get(id);
       state.pending.delete(id);
-      onTurnStored(ev);
+      if (answered === "audio.end") onTurnStored(ev);
+      else onTalkTurnStored(ev);
+      break;
+    }
+    case "talk.started":
+      state.pending.delete(id);
+      onTalkStarted(ev);
+      break;
+    case "talk.stopped":
+      state.pending.delete(id);
+      onTalkStopped(ev);
+      break;
+    case "speech.started":
+      onSpeechStarted(ev);
+      break;
+    case "speech.stopped":
+      onSpeechStopped(ev);
+      break;
+    case "reply.started":
+      onReplyStarted(ev);
+      break;
+    case "reply.delta":
+      onReplyDelta(ev);
+      break;
+    case "reply.done":
+      onReplyDone(ev);
       break;
     case "history":
       state.pending.delete(id);
@@ -327,11 +379,18 @@ function onSessionStarted(ev) {
 function onResponseStarted(ev) {
   hook.lastStarted = ev;
   if (state.response === null) {
-    // A response we did not track (should not happen); follow it anyway.
+    // A response the server started itself (a sentence of a talk-mode reply), or one we did not track.
     state.response = {requestId: ev.id, responseId: null, cancelled: false, sentAt: performance.now(),
-      firstFrameAt: null, frames: 0};
+      firstFrameAt: null, frames: 0, reply: null};
+    hook.framesReceived = 0;
+    hook.samplesReceived = 0;
   }
   state.response.responseId = ev.response_id;
+  if (ev.reply_id !== undefined) {
+    const reply = findReply(ev.reply_id) || addReply(ev.reply_id); // reply.started normally came first
+    state.response.reply = reply;
+    if (reply.muted) state.response.cancelled = true; // barged in: the rest of this reply is not played
+  }
   $("stats").textContent = `Streaming ${ev.response_id} (context turns: ${ev.context_turns}, prompt rows: ${ev.prompt_rows})…`;
 }
 
@@ -357,6 +416,10 @@ function onResponseDone(ev) {
     ["underruns", hook.underruns],
   ]);
   $("stats").replaceChildren(dl);
+  if (ev.reply_id !== undefined) {
+    const reply = (resp && resp.reply) || findReply(ev.reply_id);
+    if (reply) reply.responses.push(ev);
+  }
   if (ev.turn_id !== null && ev.turn_id !== undefined && state.sessionId !== null) send("history");
 }
 
@@ -411,6 +474,16 @@ function onErrorEvent(ev) {
   if (requestType === "session.start" && state.sessionId === null && ev.code === "unknown_conversation") {
     state.lastConversationId = null;
   }
+  const talk = state.talk;
+  if (talk !== null) {
+    // Talk mode goes on after errors (a failed transcription or reply, a dropped chunk), except when talk.start
+    // itself failed or the server says talk mode is not on.
+    if (requestType === "talk.start" && ev.id === talk.requestId) {
+      endTalk(`${ev.code}: talk mode did not start`);
+    } else if (ev.code === "not_talking") {
+      endTalk("the server says talk mode is not on");
+    }
+  }
   const rec = state.recording;
   if (rec !== null) {
     const turnGone = ["audio_too_long", "bad_audio", "no_audio_turn"].includes(ev.code);
@@ -450,7 +523,7 @@ function pcm16ToFloat(buffer) {
   return out;
 }
 
-function scheduleFrame(samples, firstOfResponse) {
+function scheduleFrame(samples, firstOfResponse, reply) {
   const play = state.play;
   if (play.ctx === null || samples.length === 0) return;
   const ctx = play.ctx;
@@ -467,13 +540,22 @@ function scheduleFrame(samples, firstOfResponse) {
   source.start(play.nextTime);
   play.nextTime += buffer.duration;
   play.sources.add(source);
-  source.onended = () => play.sources.delete(source);
+  source.onended = () => {
+    play.sources.delete(source);
+    if (!play.stopped.has(source)) {
+      hook.framesPlayed += 1;
+      if (reply) reply.framesPlayed += 1;
+    }
+    if (play.sources.size === 0) updateTalkUi(); // "speaking" ends with the audio
+  };
   hook.framesScheduled += 1;
+  if (reply) reply.framesScheduled += 1;
 }
 
 function stopPlayback() {
   const play = state.play;
   for (const source of play.sources) {
+    play.stopped.add(source);
     try {
       source.stop();
     } catch (err) {
@@ -492,8 +574,9 @@ function handleFrame(data) {
   hook.framesReceived += 1;
   hook.samplesReceived += samples.length;
   resp.frames += 1;
+  if (resp.reply) resp.reply.framesReceived += 1;
   if (resp.firstFrameAt === null) resp.firstFrameAt = performance.now();
-  if (!resp.cancelled) scheduleFrame(samples, resp.frames === 1);
+  if (!resp.cancelled) scheduleFrame(samples, resp.frames === 1, resp.reply);
 }
 
 // ---------------------------------------------------------------------------------------------- say / cancel
@@ -522,7 +605,7 @@ function say() {
   const id = send("say", fields);
   if (id === null) return;
   state.response = {requestId: id, responseId: null, cancelled: false, sentAt: performance.now(),
-    firstFrameAt: null, frames: 0};
+    firstFrameAt: null, frames: 0, reply: null};
   $("stats").textContent = "Waiting for the response…";
   updateUi();
 }
@@ -577,6 +660,41 @@ function pushRecorded(rec, samples) {
   hook.recordedSamples = rec.samples;
 }
 
+async function openCapture(cap, blockSeconds, onSamples, wanted) {
+  // Opens the microphone into `cap` (stream, ctx, source, node, sink, sampleRate): mono Float32Array blocks of
+  // `blockSeconds` go to onSamples. Throws if the microphone is unavailable or `wanted()` turns false meanwhile;
+  // the caller releases what was opened (releaseCapture).
+  cap.stream = await navigator.mediaDevices.getUserMedia({
+    audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true},
+  });
+  if (!wanted()) throw new Error("aborted");
+  const Ctx = window.AudioContext || window.webkitAudioContext;
+  cap.ctx = new Ctx({latencyHint: "interactive"});
+  if (cap.ctx.state === "suspended") await cap.ctx.resume();
+  cap.sampleRate = cap.ctx.sampleRate;
+  cap.source = cap.ctx.createMediaStreamSource(cap.stream);
+  cap.sink = cap.ctx.createGain();
+  cap.sink.gain.value = 0; // the capture node must reach the destination to be processed; keep it silent
+  cap.sink.connect(cap.ctx.destination);
+  const blockSize = Math.round(cap.sampleRate * blockSeconds);
+  if (cap.ctx.audioWorklet && typeof AudioWorkletNode !== "undefined") {
+    await cap.ctx.audioWorklet.addModule(new URL("pcm-worklet.js", import.meta.url));
+    if (!wanted()) throw new Error("aborted");
+    cap.node = new AudioWorkletNode(cap.ctx, "pcm-capture", {
+      numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1], processorOptions: {blockSize},
+    });
+    cap.node.port.onmessage = (event) => {
+      if (event.data instanceof Float32Array) onSamples(event.data);
+      else if (event.data === "flushed" && cap.onFlushed) cap.onFlushed();
+    };
+  } else {
+    cap.node = cap.ctx.createScriptProcessor(4096, 1, 1);
+    cap.node.onaudioprocess = (event) => onSamples(new Float32Array(event.inputBuffer.getChannelData(0)));
+  }
+  cap.source.connect(cap.node);
+  cap.node.connect(cap.sink);
+}
+
 async function startRecording() {
   if (state.recording !== null || !isReady()) return;
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
@@ -596,36 +714,8 @@ async function startRecording() {
   hook.lastStored = null;
   updateUi();
   try {
-    rec.stream = await navigator.mediaDevices.getUserMedia({
-      audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true},
-    });
-    if (state.recording !== rec) throw new Error("recording was aborted");
-    const Ctx = window.AudioContext || window.webkitAudioContext;
-    rec.ctx = new Ctx({latencyHint: "interactive"});
-    if (rec.ctx.state === "suspended") await rec.ctx.resume();
-    rec.sampleRate = rec.ctx.sampleRate;
+    await openCapture(rec, RECORD_CHUNK_S, (samples) => pushRecorded(rec, samples), () => state.recording === rec);
     hook.recordSampleRate = rec.sampleRate;
-    rec.source = rec.ctx.createMediaStreamSource(rec.stream);
-    rec.sink = rec.ctx.createGain();
-    rec.sink.gain.value = 0; // the capture node must reach the destination to be processed; keep it silent
-    rec.sink.connect(rec.ctx.destination);
-    const blockSize = Math.round(rec.sampleRate * RECORD_CHUNK_S);
-    if (rec.ctx.audioWorklet && typeof AudioWorkletNode !== "undefined") {
-      await rec.ctx.audioWorklet.addModule(new URL("pcm-worklet.js", import.meta.url));
-      if (state.recording !== rec) throw new Error("recording was aborted");
-      rec.node = new AudioWorkletNode(rec.ctx, "pcm-capture", {
-        numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1], processorOptions: {blockSize},
-      });
-      rec.node.port.onmessage = (event) => {
-        if (event.data instanceof Float32Array) pushRecorded(rec, event.data);
-        else if (event.data === "flushed" && rec.onFlushed) rec.onFlushed();
-      };
-    } else {
-      rec.node = rec.ctx.createScriptProcessor(4096, 1, 1);
-      rec.node.onaudioprocess = (event) => pushRecorded(rec, new Float32Array(event.inputBuffer.getChannelData(0)));
-    }
-    rec.source.connect(rec.node);
-    rec.node.connect(rec.sink);
   } catch (err) {
     if (state.recording === rec) {
       showError("client", `cannot record: ${err && err.message ? err.message : err}`);
