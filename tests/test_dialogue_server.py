@@ -243,6 +243,8 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
         await t.wait(lambda e: is_event("error", code="busy")(e))
         await t.c.ws.send(b"\x00")  # half a sample: dropped, talk mode goes on
         await t.wait(lambda e: is_event("error", code="bad_audio")(e))
+        noise = np.random.default_rng(0).normal(0, 0.03 * 32767, 48_000).astype("<i2")  # 2 s at -30 dBFS
+        t.speech.append(noise)
         chat.status = 500
         await one_turn(t)
         await t.wait(lambda e: is_event("error", code="responder_error")(e))
@@ -266,3 +268,4 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
     turns = t.events("history")[0]["turns"]
     assert [x["source"] for x in turns] == ["user", "user", "generated"]  # the failed reply kept its user turn
     assert [d["text"] for d in t.events("reply.done")] == ["", "Fine."]
+    assert len(t.events("speech.started")) == 2  # the noise was not taken for speech

@@ -130,16 +130,25 @@ class Talk:
             return False
         turn = AudioTurn(gen.codec, gen.cfg.num_codebooks, speaker=self.speaker, sample_rate=SAMPLE_RATE,
                          encoding="float32", max_seconds=self.service.config.limits.max_audio_s + 1.0)
-        await asyncio.to_thread(turn.push, segment.astype("<f4").tobytes())
-        codes = await asyncio.to_thread(turn.finish)
-        text, transcribed = "", False
-        if self.service.transcriber is not None:
+
+        def encode() -> np.ndarray:
+            turn.push(segment.astype("<f4").tobytes())
+            return turn.finish()
+
+        async def transcribe() -> str | TranscriptionError | None:
+            if self.service.transcriber is None:
+                return None
             try:
-                text = await asyncio.to_thread(self.service.transcriber.transcribe, segment, SAMPLE_RATE)
-                transcribed = True
+                return await asyncio.to_thread(self.service.transcriber.transcribe, segment, SAMPLE_RATE)
             except TranscriptionError as e:
-                log.warning("transcription failed: %s", e)
-                conn.error("transcription_failed", f"{e}; the turn is stored without a transcript")
+                return e
+
+        codes, text = await asyncio.gather(asyncio.to_thread(encode), transcribe())  # side by side
+        transcribed = isinstance(text, str)
+        if isinstance(text, TranscriptionError):
+            log.warning("transcription failed: %s", text)
+            conn.error("transcription_failed", f"{text}; the turn is stored without a transcript")
+        text = text if isinstance(text, str) else ""
         stored = await asyncio.to_thread(self.service.manager.add_turn, conn.conversation_id, self.speaker, text,
                                          codes, "user")
         conn.send({"type": "turn.stored", "turn": stored.summary(), "frames": stored.frames,
