@@ -1,6 +1,7 @@
 """A scripted OpenAI-compatible chat-completions server (streamed SSE) in a background thread, for the talk-mode
 tests: each request takes the next scripted reply (`script`), sent in pieces; a piece may wait for a gate the test
-opens; `status` other than 200 answers with an OpenAI error body instead."""
+opens; `status` other than 200 answers with an OpenAI error body instead, 0 hangs up without an answer, -1 sends
+a malformed stream."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ class ChatServer:
         async def completions(request: web.Request) -> web.StreamResponse:
             body = await request.json()
             self.requests.append(body)
+            if self.status == 0:
+                request.transport.close()
+                return web.Response()
+            if self.status == -1:
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await response.prepare(request)
+                await response.write(b"data: {not json\n\n")
+                return response
             if self.status != 200:
                 return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}},
                                          status=self.status)

@@ -248,6 +248,12 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
         chat.status = 500
         await one_turn(t)
         await t.wait(lambda e: is_event("error", code="responder_error")(e))
+        chat.status = 0  # hangs up: as if unreachable
+        await one_turn(t)
+        await t.wait(lambda e: is_event("error", code="responder_unreachable")(e))
+        chat.status = -1
+        await one_turn(t)
+        await t.wait(lambda e: is_event("error", code="responder_bad_stream")(e))
         chat.status = 200
         chat.script = [[Piece("Fine.")]]
         await one_turn(t)
@@ -266,6 +272,6 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
     error = [e for e in t.events("error") if e["code"] == "responder_error"][0]
     assert "500" in error["message"] and "Traceback" not in error["message"]
     turns = t.events("history")[0]["turns"]
-    assert [x["source"] for x in turns] == ["user", "user", "generated"]  # the failed reply kept its user turn
-    assert [d["text"] for d in t.events("reply.done")] == ["", "Fine."]
-    assert len(t.events("speech.started")) == 2  # the noise was not taken for speech
+    assert [x["source"] for x in turns] == ["user"] * 4 + ["generated"]  # failed replies kept their user turns
+    assert [d["text"] for d in t.events("reply.done")] == ["", "", "", "Fine."]
+    assert len(t.events("speech.started")) == 4  # the noise was not taken for speech
