@@ -35,6 +35,7 @@ const hook = {
   talk: {
     active: false, // from pressing Talk until talk.stopped (or its failure)
     state: "off", // off, starting, listening, you are speaking, thinking, speaking, stopping
+    states: [], // the states shown, in order (the last 500 changes)
     sampleRate: null, // of the microphone
     sentSamples: 0, // microphone samples sent to the server
     started: null, // the talk.started event
@@ -43,6 +44,7 @@ const hook = {
     replies: [], // {reply_id, text, done, interrupted, responses: [response.done...], framesReceived,
     //             framesScheduled, framesPlayed}
     events: [], // the talk-mode events received: talk.*, speech.*, reply.*, the replies' responses, turns, errors
+    bargeIns: [], // {replies: [reply_id...], stoppedFrames}: user speech that cut off a reply here
   },
   playback() {
     // Snapshot of the playback AudioContext: its state, clock and where the next frame will start.
@@ -586,18 +588,10 @@ function say() {
     showError("not_connected", "connect first");
     return;
   }
-  if (state.response !== null) return;
+  if (state.response !== null || state.talk !== null) return;
   ensurePlayback();
   ensureSession();
-  const fields = {text: $("text").value, speaker: intValue("speaker") ?? 0};
-  const maxMs = intValue("max-audio-ms");
-  if (maxMs !== undefined) fields.max_audio_ms = maxMs;
-  const temperature = floatValue("temperature");
-  if (temperature !== undefined) fields.temperature = temperature;
-  const topK = intValue("top-k");
-  if (topK !== undefined) fields.top_k = topK;
-  const seed = intValue("seed");
-  if (seed !== undefined) fields.seed = seed;
+  const fields = {text: $("text").value, speaker: intValue("speaker") ?? 0, ...samplingFields()};
   hook.framesReceived = 0;
   hook.samplesReceived = 0;
   hook.lastDone = null;
@@ -696,7 +690,7 @@ async function openCapture(cap, blockSeconds, onSamples, wanted) {
 }
 
 async function startRecording() {
-  if (state.recording !== null || !isReady()) return;
+  if (state.recording !== null || state.talk !== null || !isReady()) return;
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("client", "no microphone access here (needs https or localhost)");
     return;
@@ -825,6 +819,322 @@ function toggleRecording() {
   else if (state.recording.phase === "recording") stopRecording();
 }
 
+// ---------------------------------------------------------------------------------------------- talk mode
+// One button: the microphone streams continuously (talk.start, binary chunks, talk.stop); the server finds the
+// user's turns, stores them (turn.stored, no id) and answers (reply.started / reply.delta / reply.done, each
+// spoken sentence a response.started / frames / response.done with the reply_id).
+
+const replyItems = new WeakMap(); // reply entry of hook.talk.replies -> its <li> in the transcript
+const MAX_TRANSCRIPT_ITEMS = 200;
+
+function isTalkEvent(ev) {
+  const type = typeof ev.type === "string" ? ev.type : "";
+  if (type.startsWith("talk.") || type.startsWith("speech.") || type.startsWith("reply.")) return true;
+  if (ev.reply_id !== undefined) return true;
+  if (type === "turn.stored") return state.pending.get(ev.id) !== "audio.end";
+  if (type === "error") {
+    const answered = ev.id !== undefined ? state.pending.get(ev.id) : undefined;
+    if (typeof answered === "string") return answered.startsWith("talk.");
+    return state.talk !== null || hook.talk.replies.some((reply) => !reply.done);
+  }
+  return false;
+}
+
+function samplingFields() {
+  // The sampling of the Speak panel: for `say`, and for the spoken replies of talk mode.
+  const fields = {};
+  const maxMs = intValue("max-audio-ms");
+  if (maxMs !== undefined) fields.max_audio_ms = maxMs;
+  const temperature = floatValue("temperature");
+  if (temperature !== undefined) fields.temperature = temperature;
+  const topK = intValue("top-k");
+  if (topK !== undefined) fields.top_k = topK;
+  const seed = intValue("seed");
+  if (seed !== undefined) fields.seed = seed;
+  return fields;
+}
+
+function talkStateName() {
+  const talk = state.talk;
+  if (talk === null) return "off";
+  if (talk.phase === "stopping") return "stopping";
+  if (!talk.started) return "starting";
+  if (talk.userSpeaking) return "you are speaking";
+  if (state.play.sources.size > 0) return "speaking";
+  const replying = hook.talk.replies.some((reply) => !reply.done);
+  if (talk.awaitingTurns > 0 || talk.expectReplies > 0 || replying) return "thinking";
+  return "listening";
+}
+
+function updateTalkUi() {
+  const name = talkStateName();
+  if (hook.talk.state !== name) {
+    hook.talk.states.push(name);
+    if (hook.talk.states.length > 500) hook.talk.states.shift();
+  }
+  hook.talk.state = name;
+  const el = $("talk-state");
+  const slug = name.replace(/ /g, "-");
+  if (el.dataset.state !== slug) {
+    el.dataset.state = slug;
+    el.textContent = name;
+  }
+}
+
+function talkItem(role, who) {
+  const list = $("talk-transcript");
+  const li = document.createElement("li");
+  li.className = `entry ${role}`;
+  li.dataset.role = role;
+  const whoEl = document.createElement("span");
+  whoEl.className = "who";
+  whoEl.textContent = who;
+  const text = document.createElement("span");
+  text.className = "text";
+  li.append(whoEl, text);
+  list.append(li);
+  while (list.children.length > MAX_TRANSCRIPT_ITEMS) list.firstElementChild.remove();
+  list.scrollTop = list.scrollHeight;
+  return li;
+}
+
+function setItemText(li, text) {
+  li.querySelector(".text").textContent = text;
+  const list = $("talk-transcript");
+  list.scrollTop = list.scrollHeight;
+}
+
+function findReply(replyId) {
+  // Reply ids start again with every talk.start: the latest entry with the id is the one meant.
+  const replies = hook.talk.replies;
+  for (let i = replies.length - 1; i >= 0; i--) if (replies[i].reply_id === replyId) return replies[i];
+  return null;
+}
+
+function addReply(replyId) {
+  const reply = {reply_id: replyId, text: "", done: false, interrupted: false, muted: false, lost: false,
+    responses: [], framesReceived: 0, framesScheduled: 0, framesPlayed: 0};
+  hook.talk.replies.push(reply);
+  const li = talkItem("reply", "Reply");
+  li.dataset.replyId = String(replyId);
+  replyItems.set(reply, li);
+  renderReply(reply);
+  return reply;
+}
+
+function renderReply(reply) {
+  const li = replyItems.get(reply);
+  if (!li) return;
+  li.dataset.done = reply.done ? "true" : "false";
+  li.classList.toggle("live", !reply.done);
+  li.classList.toggle("interrupted", reply.interrupted);
+  let text = reply.text || (reply.done ? "(no reply)" : "…");
+  if (reply.interrupted) text += " (interrupted)";
+  else if (reply.lost) text += " (connection closed)";
+  setItemText(li, text);
+}
+
+function pushTalk(talk, samples) {
+  if (state.talk !== talk || talk.captureDone) return;
+  const maxBytes = limits().max_message_bytes;
+  const maxSamples = typeof maxBytes === "number" ? Math.max(1, Math.floor(maxBytes / 2)) : samples.length;
+  for (let offset = 0; offset < samples.length; offset += maxSamples) {
+    const part = samples.subarray(offset, Math.min(samples.length, offset + maxSamples));
+    const chunk = encodeChunk(part, talk.encoding);
+    if (talk.started) {
+      if (sendBinary(chunk)) talk.samples += part.length;
+    } else {
+      // Held until talk.started: binary audio before it would be refused if talk mode does not start.
+      talk.queue.push({chunk, samples: part.length});
+      talk.queuedSamples += part.length;
+      while (talk.queuedSamples > TALK_QUEUE_MAX_S * talk.sampleRate && talk.queue.length > 1) {
+        talk.queuedSamples -= talk.queue.shift().samples;
+      }
+    }
+  }
+  hook.talk.sentSamples = talk.samples;
+}
+
+async function startTalk() {
+  if (state.talk !== null || !isReady()) return;
+  if (state.response !== null || state.recording !== null) {
+    showError("client", "finish the current response or recording first");
+    return;
+  }
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showError("client", "no microphone access here (needs https or localhost)");
+    return;
+  }
+  ensurePlayback();
+  const talk = {
+    phase: "starting", speaker: intValue("record-speaker") ?? 1, replySpeaker: intValue("speaker") ?? 0,
+    encoding: "pcm16", requestId: null, stopId: null, started: false, info: null, captureDone: false,
+    queue: [], queuedSamples: 0, samples: 0, sampleRate: null,
+    userSpeaking: false, awaitingTurns: 0, expectReplies: 0,
+    stream: null, ctx: null, source: null, node: null, sink: null, timer: null, ticker: null,
+  };
+  state.talk = talk;
+  Object.assign(hook.talk, {active: true, sampleRate: null, sentSamples: 0, started: null, stopped: null});
+  $("talk-info").textContent = "Opening the microphone…";
+  updateUi();
+  try {
+    await openCapture(talk, TALK_CHUNK_S, (samples) => pushTalk(talk, samples),
+      () => state.talk === talk && talk.phase === "starting");
+  } catch (err) {
+    releaseCapture(talk);
+    if (state.talk === talk) {
+      const failed = talk.phase === "starting"; // else Talk was pressed again while the microphone opened
+      if (failed) showError("client", `cannot open the microphone: ${err && err.message ? err.message : err}`);
+      endTalk(failed ? "microphone unavailable" : "stopped");
+    }
+    return;
+  }
+  hook.talk.sampleRate = talk.sampleRate;
+  ensureSession();
+  talk.requestId = send("talk.start", {speaker: talk.speaker, reply_speaker: talk.replySpeaker,
+    sample_rate: talk.sampleRate, encoding: talk.encoding, channels: 1, ...samplingFields()});
+  if (talk.requestId === null) {
+    endTalk("not connected");
+    return;
+  }
+  $("talk-info").textContent = `Microphone at ${talk.sampleRate} Hz; starting…`;
+  updateUi();
+}
+
+async function stopTalk() {
+  const talk = state.talk;
+  if (talk === null || talk.phase === "stopping") return;
+  talk.phase = "stopping";
+  updateUi();
+  try {
+    if (talk.source) talk.source.disconnect();
+  } catch (err) {
+    // already disconnected
+  }
+  await flushWorklet(talk); // the last of the audio goes out before talk.stop
+  releaseCapture(talk);
+  talk.captureDone = true;
+  if (state.talk !== talk) return;
+  if (talk.started) sendTalkStop(talk);
+  else if (talk.requestId === null) endTalk("stopped"); // talk.start was never sent
+  // else talk.start is unanswered: talk.started sends talk.stop, an error ends talk mode
+}
+
+function sendTalkStop(talk) {
+  if (talk.stopId !== null) return;
+  talk.stopId = send("talk.stop");
+  if (talk.stopId === null) endTalk("not connected");
+}
+
+function endTalk(reason) {
+  const talk = state.talk;
+  if (talk === null) return;
+  state.talk = null;
+  talk.captureDone = true;
+  talk.queue = [];
+  releaseCapture(talk);
+  hook.talk.active = false;
+  for (const li of $("talk-transcript").querySelectorAll("li.pending")) li.remove();
+  $("talk-info").textContent = reason === "stopped" ? "" : `Talk mode ended: ${reason}`;
+  updateUi();
+}
+
+function toggleTalk() {
+  if (state.talk === null) startTalk();
+  else stopTalk();
+}
+
+function onTalkStarted(ev) {
+  hook.talk.started = ev;
+  const talk = state.talk;
+  if (talk === null) {
+    send("talk.stop"); // talk mode was given up on meanwhile: the server must not go on listening
+    return;
+  }
+  talk.started = true;
+  talk.info = ev;
+  if (talk.phase === "starting") talk.phase = "on";
+  for (const {chunk, samples} of talk.queue) if (sendBinary(chunk)) talk.samples += samples;
+  talk.queue = [];
+  talk.queuedSamples = 0;
+  hook.talk.sentSamples = talk.samples;
+  const vad = ev.vad || {};
+  const parts = [`microphone ${talk.sampleRate} Hz`, ev.responder ? "replies on" : "no replies (listening only)"];
+  if (typeof vad.end_silence_ms === "number") parts.push(`a turn ends after ${vad.end_silence_ms} ms of silence`);
+  if (vad.barge_in === false) parts.push("no barge-in");
+  $("talk-info").textContent = parts.join(" · ");
+  if (talk.phase === "stopping" && talk.captureDone) sendTalkStop(talk);
+}
+
+function onTalkStopped(ev) {
+  hook.talk.stopped = ev;
+  endTalk("stopped");
+}
+
+function onSpeechStarted() {
+  const talk = state.talk;
+  if (talk !== null) talk.userSpeaking = true;
+  const vad = talk !== null && talk.info ? talk.info.vad || {} : {};
+  if (vad.barge_in === false) return; // the server lets its reply finish: so does the page
+  // Barge-in: the server stops its reply; stop what is already buffered here at once, drop its late frames.
+  const cut = hook.talk.replies.filter((reply) => !reply.done);
+  for (const reply of cut) reply.muted = true;
+  const resp = state.response;
+  if (resp !== null && resp.reply) resp.cancelled = true;
+  const stoppedFrames = state.play.sources.size;
+  if (stoppedFrames > 0) stopPlayback();
+  if (cut.length > 0 || stoppedFrames > 0) {
+    hook.talk.bargeIns.push({replies: cut.map((reply) => reply.reply_id), stoppedFrames});
+  }
+}
+
+function onSpeechStopped() {
+  const talk = state.talk;
+  if (talk === null) return;
+  talk.userSpeaking = false;
+  talk.awaitingTurns += 1;
+  const li = talkItem("user", "You"); // filled in by its turn.stored
+  li.classList.add("pending");
+  setItemText(li, "…");
+}
+
+function onTalkTurnStored(ev) {
+  hook.lastStored = ev;
+  const turn = {...(ev.turn || {}), transcribed: ev.transcribed === true};
+  hook.talk.turns.push(turn);
+  const talk = state.talk;
+  if (talk !== null) {
+    talk.awaitingTurns = Math.max(0, talk.awaitingTurns - 1);
+    if (talk.info && talk.info.responder) talk.expectReplies += 1;
+  }
+  const li = $("talk-transcript").querySelector("li.pending") || talkItem("user", "You");
+  li.classList.remove("pending");
+  li.dataset.role = "user";
+  if (turn.turn_id !== undefined) li.dataset.turnId = String(turn.turn_id);
+  setItemText(li, turn.text ? turn.text : "(no transcript)");
+  if (state.sessionId !== null) send("history");
+}
+
+function onReplyStarted(ev) {
+  const talk = state.talk;
+  if (talk !== null) talk.expectReplies = Math.max(0, talk.expectReplies - 1);
+  addReply(ev.reply_id);
+}
+
+function onReplyDelta(ev) {
+  const reply = findReply(ev.reply_id) || addReply(ev.reply_id);
+  if (typeof ev.text === "string") reply.text += ev.text;
+  renderReply(reply);
+}
+
+function onReplyDone(ev) {
+  const reply = findReply(ev.reply_id) || addReply(ev.reply_id);
+  if (typeof ev.text === "string") reply.text = ev.text; // the whole text: it wins over the deltas
+  reply.done = true;
+  reply.interrupted = ev.interrupted === true;
+  renderReply(reply);
+}
+
 // ---------------------------------------------------------------------------------------------- UI
 
 function updateTextCount() {
@@ -846,27 +1156,41 @@ function updateUi() {
   $("resume").disabled = !ready || $("resume-id").value.trim() === "";
   $("refresh-history").disabled = !ready || state.sessionId === null;
   const rec = state.recording;
-  $("say").disabled = !ready || state.response !== null || rec !== null;
-  $("cancel").disabled = !ready || state.response === null || state.response.cancelled;
+  const talk = state.talk;
+  $("say").disabled = !ready || state.response !== null || rec !== null || talk !== null;
+  // In talk mode the replies are the server's: they are cut off by speaking (barge-in), not by Cancel.
+  $("cancel").disabled = !ready || state.response === null || state.response.cancelled || talk !== null;
   const recordBtn = $("record");
-  recordBtn.disabled = !ready || (rec === null && state.response !== null) || (rec !== null && rec.phase !== "recording");
+  recordBtn.disabled = !ready || talk !== null || (rec === null && state.response !== null) ||
+    (rec !== null && rec.phase !== "recording");
   recordBtn.textContent = rec !== null ? "Stop" : "Record";
   recordBtn.setAttribute("aria-pressed", rec !== null ? "true" : "false");
+  const talkBtn = $("talk");
+  talkBtn.disabled = talk === null ? !ready || state.response !== null || rec !== null : talk.phase === "stopping";
+  talkBtn.textContent = talk === null ? "Talk" : talk.phase === "stopping" ? "Stopping…" : "Stop talking";
+  talkBtn.setAttribute("aria-pressed", talk !== null ? "true" : "false");
+  talkBtn.setAttribute("aria-label", talk === null ? "Start talking (opens the microphone)" : "Stop talking");
+  updateTalkUi();
   document.body.classList.toggle("connecting", connecting);
 }
 
 function init() {
   $("connect").addEventListener("click", () => (state.ws === null ? connect() : disconnect()));
   $("new-conversation").addEventListener("click", () => {
-    if (state.recording !== null || state.response !== null) {
-      showError("client", "finish the current response or recording first");
+    if (state.recording !== null || state.response !== null || state.talk !== null) {
+      showError("client", "finish the current response, recording or talk first");
       return;
     }
     send("session.start");
   });
   $("resume").addEventListener("click", () => {
     const id = $("resume-id").value.trim();
-    if (id) send("session.start", {conversation_id: id});
+    if (!id) return;
+    if (state.talk !== null) {
+      showError("client", "stop talking first");
+      return;
+    }
+    send("session.start", {conversation_id: id});
   });
   $("resume-id").addEventListener("input", updateUi);
   $("resume-id").addEventListener("keydown", (event) => {
@@ -876,6 +1200,7 @@ function init() {
   $("say").addEventListener("click", say);
   $("cancel").addEventListener("click", cancel);
   $("record").addEventListener("click", toggleRecording);
+  $("talk").addEventListener("click", toggleTalk);
   $("clear-errors").addEventListener("click", () => $("errors").replaceChildren());
   $("text").addEventListener("input", updateTextCount);
   $("text").addEventListener("keydown", (event) => {
