@@ -255,6 +255,11 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
         await one_turn(t)
         await t.wait(lambda e: is_event("error", code="responder_bad_stream")(e))
         chat.status = 200
+        late = threading.Event()
+        chat.script = [[Piece("Too late.", late)]]  # no text within first_token_timeout_s=5
+        await one_turn(t)
+        await t.wait(lambda e: is_event("error", code="responder_timeout")(e))
+        late.set()
         chat.script = [[Piece("Fine.")]]
         await one_turn(t)
         mic.cancel()
@@ -272,6 +277,6 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
     error = [e for e in t.events("error") if e["code"] == "responder_error"][0]
     assert "500" in error["message"] and "Traceback" not in error["message"]
     turns = t.events("history")[0]["turns"]
-    assert [x["source"] for x in turns] == ["user"] * 4 + ["generated"]  # failed replies kept their user turns
-    assert [d["text"] for d in t.events("reply.done")] == ["", "", "", "Fine."]
-    assert len(t.events("speech.started")) == 4  # the noise was not taken for speech
+    assert [x["source"] for x in turns] == ["user"] * 5 + ["generated"]  # failed replies kept their user turns
+    assert [d["text"] for d in t.events("reply.done")] == ["", "", "", "", "Fine."]
+    assert len(t.events("speech.started")) == 5  # the noise was not taken for speech
