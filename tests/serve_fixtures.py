@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chat_server import ChatServer
 from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,22 @@ def start_server_process(workdir: Path, cache_dir: Path, *overrides: str, db_pat
 @pytest.fixture(scope="session")
 def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="session")
+def chat() -> Iterator[ChatServer]:
+    """A scripted OpenAI-compatible chat server (tests/chat_server.py) for talk-mode replies."""
+    yield from ChatServer().serve()
+
+
+@pytest.fixture(scope="session")
+def talk_server(tmp_path_factory: pytest.TempPathFactory, xla_cache: Path, chat: ChatServer) -> Iterator[LiveServer]:
+    """A server whose talk-mode replies come from `chat` (shared: tests set `chat.script` before each turn)."""
+    server = start_server_process(tmp_path_factory.mktemp("talk-server"), xla_cache, "responder.backend=openai",
+                                  f"responder.base_url={chat.url}", "responder.first_token_timeout_s=5",
+                                  "turn_taking.end_silence_ms=500")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import soundfile as sf
 import soxr
 from chat_server import ChatServer, Piece
-from serve_fixtures import Client, LiveServer, run, start_server_process
+from serve_fixtures import Client, LiveServer, run
 from speech_data import TEXTS
 
 from csm_jax.conversation import ConversationManager, SQLiteStore
@@ -110,20 +108,6 @@ class Talker:
 
 def is_event(kind: str, **fields: Any) -> Any:
     return lambda e: isinstance(e, dict) and e.get("type") == kind and all(e.get(k) == v for k, v in fields.items())
-
-
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    yield from ChatServer().serve()
-
-
-@pytest.fixture(scope="module")
-def talk_server(tmp_path_factory: pytest.TempPathFactory, xla_cache: Path, chat: ChatServer) -> Iterator[LiveServer]:
-    server = start_server_process(tmp_path_factory.mktemp("talk"), xla_cache, "responder.backend=openai",
-                                  f"responder.base_url={chat.url}", "responder.first_token_timeout_s=5",
-                                  "turn_taking.end_silence_ms=500")
-    yield server
-    server.stop()
 
 
 def speech_24k() -> np.ndarray:
