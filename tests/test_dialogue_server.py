@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 from chat_server import ChatServer, Piece
-from serve_fixtures import Client, LiveServer, run
+from serve_fixtures import Client, LiveServer, run, start_server_process
 from speech_data import TEXTS
 
 from csm_jax.conversation import ConversationManager, SQLiteStore
@@ -142,7 +142,7 @@ def test_talk_mode_answers_a_spoken_question_sentence_by_sentence(talk_server: L
         await t.c.close()
         return t, [cid, first, early, history]
 
-    t, (cid, _, early, history) = run(go())
+    t, (_cid, _, early, history) = run(go())
     assert early == ["Nice to hear you. "], early
     kinds = [e["type"] if isinstance(e, dict) else "frame" for e in t.log]
     order = [k for k in kinds if k != "frame"]
@@ -199,7 +199,7 @@ def test_barge_in_stops_the_reply_within_two_frames_and_keeps_what_was_sent(talk
     first_reply = t.events("reply.done")[0]
     assert first_reply["interrupted"] is True
     turns = t.events("history")[0]["turns"]
-    kept = [x for x in turns if x["turn_id"] == cut["turn_id"]][0]
+    kept = next(x for x in turns if x["turn_id"] == cut["turn_id"])
     assert kept["frames"] == sent and kept["source"] == "generated"
     assert [x["source"] for x in turns] == ["user", "generated", "user", "generated"]
 
@@ -258,9 +258,59 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
     finally:
         chat.status = 200
     assert t.events("error")[0]["code"] == "not_talking"
-    error = [e for e in t.events("error") if e["code"] == "responder_error"][0]
+    error = next(e for e in t.events("error") if e["code"] == "responder_error")
     assert "500" in error["message"] and "Traceback" not in error["message"]
     turns = t.events("history")[0]["turns"]
     assert [x["source"] for x in turns] == ["user"] * 5 + ["generated"]  # failed replies kept their user turns
     assert [d["text"] for d in t.events("reply.done")] == ["", "", "", "", "Fine."]
     assert len(t.events("speech.started")) == 5  # the noise was not taken for speech
+
+
+def test_a_recogniser_failure_keeps_the_turn_without_text(tmp_path: Path, xla_cache: Path) -> None:
+    """A transformers recogniser that fails on every real input (a random wav2vec2 whose convolution window is longer
+    than any turn here): `transcription_failed`, and the turn is stored, as audio only."""
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    model = tmp_path / "asr"
+    model.mkdir()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "a": 5}
+    (model / "vocab.json").write_text(json.dumps(vocab))
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, conv_dim=(4,), conv_stride=(5,), conv_kernel=(80_000,),
+                            num_feat_extract_layers=1, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                            pad_token_id=0)
+    Wav2Vec2ForCTC(config).save_pretrained(model)
+    Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16_000),
+                      tokenizer=Wav2Vec2CTCTokenizer(str(model / "vocab.json"))).save_pretrained(model)
+    server = start_server_process(tmp_path, xla_cache, "transcriber.backend=transformers",
+                                  f"transcriber.model={model}")
+    audio = speech_24k()
+
+    async def go() -> tuple[Any, ...]:
+        c = await Client.open(server.ws_url)
+        await c.start()
+        await c.send({"type": "audio.start", "speaker": 1, "sample_rate": 24_000})
+        assert (await c.event())["type"] == "audio.started"
+        await c.send(audio.tobytes())
+        await c.send({"type": "audio.end"})
+        failed, stored = await c.event(), await c.event()
+        history = await c.request({"type": "history"})
+        await c.close()
+        return failed, stored, history
+
+    try:
+        failed, stored, history = run(go())
+    finally:
+        server.stop()
+    assert failed["type"] == "error" and failed["code"] == "transcription_failed", failed
+    assert "recognition failed" in failed["message"] and "Traceback" not in failed["message"]
+    assert stored["type"] == "turn.stored" and stored["transcribed"] is False and stored["turn"]["text"] == ""
+    assert [t["frames"] for t in history["turns"]] == [stored["frames"]]
