@@ -6,6 +6,7 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from csm_jax.conversation import StoreError
 from csm_jax.serving import ServeConfig, serve_forever
 
 
@@ -18,6 +19,8 @@ def main(cfg: DictConfig) -> None:
         asyncio.run(serve_forever(config))
     except KeyboardInterrupt:
         pass
+    except StoreError as e:  # an unreachable, damaged or read-only database: one clear line, exit status 1
+        raise SystemExit(f"csm-jax: {e}") from None
 
 
 if __name__ == "__main__":

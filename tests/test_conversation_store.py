@@ -1,12 +1,17 @@
-"""SQLiteStore: round trips, ordering, persistence, migrations, validation, threads and crash durability."""
+"""The Store suite, run on both backends (SQLite and a throwaway PostgreSQL server, tests/postgres_fixture.py):
+round trips, ordering, persistence, validation, threads and crash durability; then SQLite's own (files, WAL,
+migrations, damage) and PostgreSQL's own (schema migrations, several server processes on one conversation, an
+unreachable server at open, the server lost mid-run)."""
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,9 +20,23 @@ from csm_jax.conversation import SQLiteStore, StoreError, Turn, UnknownConversat
 from csm_jax.conversation.store import MIGRATIONS
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def store():
-    s = SQLiteStore(":memory:")
+def store_url(backend, tmp_path, request) -> str:
+    """Where a new, empty store lives: a SQLite file, or an emptied database on the session's PostgreSQL server."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_cluster").empty_database()
+
+
+@pytest.fixture
+def store(backend, request):
+    """An empty store: SQLite in memory, or PostgreSQL (a new database)."""
+    s = open_store("sqlite://:memory:" if backend == "sqlite" else request.getfixturevalue("store_url"))
     yield s
     s.close()
 
@@ -74,6 +93,24 @@ def test_ordering_limit_counts_and_listing(store):
     assert store.has_conversation(c1) and not store.has_conversation("nope")
 
 
+def test_close_and_reopen_keeps_history(store_url):
+    s = open_store(store_url)
+    cid = s.create_conversation({"title": "kept"})
+    t = s.add_turn(cid, 0, "kept", codes(4), "generated")
+    s.close()
+    s.close()  # idempotent
+    for call in (lambda: s.turns(cid), lambda: s.add_turn(cid, 0, "x", None, "user"), s.create_conversation,
+                 lambda: s.has_conversation(cid), lambda: s.count_turns(cid), s.conversations):
+        with pytest.raises(StoreError, match="closed"):
+            call()
+    s2 = open_store(store_url)  # the schema is already there: nothing migrates twice
+    (back,) = s2.turns(cid)
+    assert same(back, t) and np.array_equal(back.codes, codes(4))
+    assert s2.add_turn(cid, 1, "next", None, "user").index == 1
+    assert [(d["id"], d["turns"], d["metadata"]) for d in s2.conversations()] == [(cid, 2, {"title": "kept"})]
+    s2.close()
+
+
 def test_file_persistence_wal_and_reopen(tmp_path):
     path = tmp_path / "sub" / "dir" / "conv.db"
     s = open_store(f"sqlite:///{path}")  # absolute path: four slashes
@@ -106,8 +143,9 @@ def test_open_store_urls(tmp_path, monkeypatch):
     s = open_store("sqlite:///rel/conv.db")
     s.close()
     assert (tmp_path / "rel" / "conv.db").is_file()
-    with pytest.raises(ValueError, match="supported: sqlite:///path.db"):
-        open_store("postgres://db/x")
+    with pytest.raises(ValueError, match="supported: sqlite:///path.db.*postgresql://") as e:
+        open_store("mysql://user:pw@db/x")
+    assert "pw" not in str(e.value)
     with pytest.raises(ValueError, match="bad sqlite store URL"):
         open_store("sqlite://host/x.db")
 
@@ -193,9 +231,8 @@ def _writers(stores, cid, per_thread=20):
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["one-store", "store-per-thread"])
-def test_concurrent_writers(tmp_path, shared):
-    path = tmp_path / "conc.db"
-    stores = [SQLiteStore(path)] * 8 if shared else [SQLiteStore(path) for _ in range(8)]
+def test_concurrent_writers(store_url, shared):
+    stores = [open_store(store_url)] * 8 if shared else [open_store(store_url) for _ in range(8)]
     cid = stores[0].create_conversation()
     _writers(stores, cid)
     turns = stores[0].turns(cid)
@@ -207,23 +244,23 @@ def test_concurrent_writers(tmp_path, shared):
         s.close()
 
 
-@pytest.mark.parametrize("how", ["os._exit", "SIGKILL"])
-def test_turn_survives_crash_after_add_turn(tmp_path, how):
-    path = tmp_path / "crash.db"
-    s = SQLiteStore(path)
+# PostgreSQL: the SIGKILL case only (the commit is the server's; how the client dies makes no difference to it).
+@pytest.mark.parametrize("backend, how", [("sqlite", "os._exit"), ("sqlite", "SIGKILL"), ("postgres", "SIGKILL")])
+def test_turn_survives_crash_after_add_turn(store_url, how):
+    s = open_store(store_url)
     cid = s.create_conversation()
     s.close()
     end = "os._exit(0)" if how == "os._exit" else "os.kill(os.getpid(), signal.SIGKILL)"
     script = textwrap.dedent(f"""
-        import os, signal, sqlite3, numpy as np
-        from csm_jax.conversation.store import SQLiteStore
-        s = SQLiteStore({str(path)!r})
+        import os, signal, numpy as np
+        from csm_jax.conversation.store import open_store
+        s = open_store({store_url!r})
         s.add_turn({cid!r}, 3, "last words", np.arange(24).reshape(3, 8), "generated")
         {end}
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == (0 if how == "os._exit" else -signal.SIGKILL), proc.stderr
-    s = SQLiteStore(path)
+    s = open_store(store_url)
     (t,) = s.turns(cid)
     assert (t.speaker, t.text, t.index) == (3, "last words", 0)
     assert np.array_equal(t.codes, np.arange(24).reshape(3, 8))
@@ -248,3 +285,166 @@ def test_damaged_or_unusable_files_fail_at_open(tmp_path):
             SQLiteStore(empty)
     sqlite3.connect(tmp_path / "ok.db").close()
     SQLiteStore(tmp_path / "ok.db").close()  # a healthy file opens (and takes the write probe)
+
+
+# PostgreSQL's own: schema migrations, several server processes, an unreachable server, the server lost mid-run.
+
+
+def _admin(url: str):
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+def test_postgres_open_store_and_schema_migrations(postgres_cluster):
+    from csm_jax.conversation import PostgresStore
+    from csm_jax.conversation.postgres import MIGRATIONS as PG_MIGRATIONS
+
+    url = postgres_cluster.create_database()
+    results: list = []
+
+    def open_one():  # four processes starting at once on an empty database: one migrates, the others wait
+        try:
+            results.append(open_store(url))
+        except Exception as e:  # noqa: BLE001 (surfaced by the assertion below)
+            results.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(s, PostgresStore) for s in results), results
+    cid = results[0].create_conversation()
+    assert results[3].has_conversation(cid)
+    for s in results:
+        s.close()
+    with _admin(url) as con:
+        assert con.execute("SELECT version FROM csm_jax_schema").fetchall() == [(len(PG_MIGRATIONS),)]
+        tables = {r[0] for r in con.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert tables == {"conversations", "turns", "csm_jax_schema"}
+    s = open_store(url.replace("postgresql://", "postgres://"))  # both schemes; reopening migrates nothing
+    assert isinstance(s, PostgresStore) and s.has_conversation(cid) and s.url == url
+    s.close()
+    with _admin(url) as con:
+        con.execute("UPDATE csm_jax_schema SET version = %s", (len(PG_MIGRATIONS) + 1,))
+    with pytest.raises(StoreError, match=f"schema version {len(PG_MIGRATIONS) + 1}, newer"):
+        open_store(url)
+    ro = postgres_cluster.create_database()  # a database that takes no writes fails at open, not on a turn
+    with _admin(ro) as con:
+        con.execute(f"ALTER DATABASE {ro.rsplit('/', 1)[1]} SET default_transaction_read_only = on")
+    with pytest.raises(StoreError, match=r"cannot open the conversation store .*read-only transaction"):
+        open_store(ro)
+
+
+def test_postgres_rejects_what_it_cannot_store(postgres_cluster):
+    s = open_store(postgres_cluster.create_database())
+    cid = s.create_conversation()
+    with pytest.raises(ValueError, match="NUL"):
+        s.add_turn(cid, 0, "a\x00b", None, "user")
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        s.create_conversation({"x": float("nan")})
+    assert not s.has_conversation("a\x00")
+    with pytest.raises(UnknownConversation):
+        s.turns("a\x00")
+    assert s.count_turns(cid) == 0 and len(s.conversations()) == 1
+    s.close()
+
+
+def test_postgres_two_servers_append_to_one_conversation(postgres_cluster):
+    url = postgres_cluster.create_database()
+    a, b = open_store(url), open_store(url)  # two pools: as two server processes
+    cid = a.create_conversation()
+    for i in range(6):  # alternately: each sees the other's turns and continues the numbering
+        s = (a, b)[i % 2]
+        assert s.add_turn(cid, i % 2, f"alt {i}", codes(2, seed=i), "user").index == i
+    assert [t.text for t in b.turns(cid)] == [t.text for t in a.turns(cid)] == [f"alt {i}" for i in range(6)]
+    _writers([a, b] * 4, cid, per_thread=10)  # and at the same time: 8 threads, 4 on each store
+    turns = b.turns(cid)
+    assert [t.index for t in turns] == list(range(86)) and len({t.turn_id for t in turns}) == 86
+    for w in range(8):  # none lost or duplicated, each writer's turns in its own order
+        assert [t.text for t in turns[6:] if t.speaker == w] == [f"w{w} t{i}" for i in range(10)]
+    assert a.count_turns(cid) == 86 and a.conversations()[0]["turns"] == 86
+    a.close()
+    b.close()
+
+
+def test_postgres_unreachable_at_open_fails_fast_and_clearly(postgres_cluster):
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = set(threading.enumerate())
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as e:
+        open_store(f"postgresql://csm:s3cret@127.0.0.1:{port}/history")
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert f"postgresql://csm@127.0.0.1:{port}/history" in msg and "Connection refused" in msg, msg
+    assert "s3cret" not in msg and "\n" not in msg
+    with pytest.raises(StoreError, match='database "missing" does not exist'):
+        open_store(postgres_cluster.url("missing"))
+    with pytest.raises(StoreError, match="bad PostgreSQL store URL") as e:
+        open_store("postgresql://csm:s3cret@[::1/history")
+    assert "s3cret" not in str(e.value)
+    assert set(threading.enumerate()) <= threads  # no pool left behind, retrying in the background
+
+
+def test_postgres_server_lost_mid_run(new_postgres_cluster):
+    from csm_jax.conversation import PostgresStore
+
+    cluster = new_postgres_cluster
+    url = cluster.create_database()
+    s = PostgresStore(url, timeout=0.5)  # how long a call waits for a connection before it gives up
+    cid = s.create_conversation()
+    first = s.add_turn(cid, 0, "first", codes(3), "user")
+    with _admin(url) as con:  # a commit that stalls, so the server can die between the INSERT and the COMMIT
+        con.execute("CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$")
+        con.execute("CREATE CONSTRAINT TRIGGER stall AFTER INSERT ON turns DEFERRABLE INITIALLY DEFERRED "
+                    "FOR EACH ROW EXECUTE FUNCTION stall()")
+    failed: list = []
+
+    def half_written():
+        try:
+            s.add_turn(cid, 1, "half", codes(3, seed=1), "generated")
+        except Exception as e:  # noqa: BLE001 (checked below)
+            failed.append(e)
+        else:
+            failed.append(None)
+
+    writer = threading.Thread(target=half_written)
+    writer.start()
+    deadline = time.monotonic() + 20
+    with _admin(url) as con:
+        while not con.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'").fetchone():
+            assert time.monotonic() < deadline, "the stalled commit never started"
+            time.sleep(0.05)
+    cluster.stop("immediate")  # the server crashes mid-commit
+    writer.join(30)
+    assert len(failed) == 1 and isinstance(failed[0], StoreError), failed
+    assert "is unavailable" in str(failed[0]) and s.url in str(failed[0])
+    for call in (lambda: s.add_turn(cid, 1, "while down", None, "user"), lambda: s.turns(cid),
+                 lambda: s.count_turns(cid), lambda: s.has_conversation(cid), s.create_conversation,
+                 s.conversations):
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="is unavailable") as e:
+            call()
+        assert time.monotonic() - t0 < 3, call
+        assert s.url in str(e.value)
+    assert "Connection refused" in str(e.value)  # the reason of the pool's last attempt
+    cluster.start()
+    deadline = time.monotonic() + 30
+    while True:  # the pool reconnects by itself
+        try:
+            n = s.count_turns(cid)
+            break
+        except StoreError:
+            assert time.monotonic() < deadline, "the store did not recover after the server came back"
+            time.sleep(0.2)
+    with _admin(url) as con:
+        con.execute("DROP TRIGGER stall ON turns")
+        assert con.execute("SELECT count(*) FROM turns").fetchone() == (1,)  # nothing half-written
+    assert n == 1 and [t.text for t in s.turns(cid)] == ["first"]
+    assert s.conversations()[0]["updated_at"] == first.created_at  # the lost turn's UPDATE was rolled back too
+    assert s.add_turn(cid, 1, "after", None, "generated").index == 1
+    s.close()

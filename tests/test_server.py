@@ -401,6 +401,16 @@ def test_a_public_bind_without_a_token_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "db").exists()  # refused before anything was loaded or created
 
 
+def test_an_unreachable_database_stops_the_server_at_once_with_one_line(tmp_path: Path) -> None:
+    url = "postgresql://csm:secret@127.0.0.1:1/history"  # nothing listens on port 1
+    proc = subprocess.run([sys.executable, "-m", "serve", "server.port=0", f"storage.url={url}",
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "cannot connect to the conversation store postgresql://csm@127.0.0.1:1/history" in proc.stderr
+    assert "secret" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert "warmup" not in proc.stdout + proc.stderr  # refused before the model was loaded and compiled
+
+
 # ------------------------------------------------------------------------------------- durability, http ---
 def test_kill_9_loses_no_acknowledged_turn_and_auth(tmp_path: Path, xla_cache: Path) -> None:
     (tmp_path / "token").write_text("s3cret\n")  # from a file: the secret never reaches Hydra's saved config

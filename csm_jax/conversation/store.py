@@ -1,6 +1,7 @@
 """Persistent conversation history: turns (speaker, transcript, Mimi codes) in an append-only store.
 
     store = open_store("sqlite:///outputs/conversations.db")     # or "sqlite://:memory:", or a bare path
+    store = open_store("postgresql://user:pw@host/db")           # PostgresStore (csm_jax/conversation/postgres.py)
     cid = store.create_conversation({"title": "demo"})
     turn = store.add_turn(cid, speaker=0, text="Hello.", codes=codes, source="user")  # committed on return
     store.turns(cid, limit=8)                                    # the 8 most recent, oldest first
@@ -308,7 +309,8 @@ class SQLiteStore:
 
 def open_store(url: str | os.PathLike) -> Store:
     """A Store from a URL: "sqlite:///relative/path.db", "sqlite:////absolute/path.db" (SQLAlchemy style),
-    "sqlite://:memory:", or a bare file path."""
+    "sqlite://:memory:", or a bare file path -> SQLiteStore (embedded, the default); "postgresql://user:password@host:
+    port/dbname?..." (or postgres://) -> PostgresStore (psycopg 3, imported only then)."""
     url = os.fspath(url)
     if "://" not in url:
         return SQLiteStore(url)
@@ -319,5 +321,16 @@ def open_store(url: str | os.PathLike) -> Store:
         if rest.startswith("/") and len(rest) > 1:
             return SQLiteStore(rest[1:])
         raise ValueError(f"bad sqlite store URL {url!r}: use sqlite:///path.db or sqlite://:memory:")
-    raise ValueError(f"unsupported store URL scheme {scheme + '://'!r} in {url!r}; supported: "
-                     "sqlite:///path.db, sqlite://:memory:, or a bare file path")
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from csm_jax.conversation.postgres import PostgresStore
+        except ImportError as e:
+            if not (e.name or "").startswith("psycopg"):
+                raise
+            raise StoreError(f"a {scheme}:// conversation store needs psycopg 3 and psycopg_pool, dependencies of "
+                             f"csm-jax missing from this environment ({e}): pip install 'psycopg[binary]>=3.2' "
+                             "'psycopg-pool>=3.2'") from None
+        return PostgresStore(url)
+    shown = url.replace(rest, "...") if "@" in rest else url  # never echo a password
+    raise ValueError(f"unsupported store URL scheme {scheme + '://'!r} in {shown!r}; supported: "
+                     "sqlite:///path.db, sqlite://:memory:, a bare file path, or postgresql://user@host/dbname")

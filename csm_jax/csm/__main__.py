@@ -3,7 +3,8 @@
     python -m csm_jax.csm generate --checkpoint CKPT --text "Hello there." --out hello.wav [--speaker 0]
         [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature 0.9] [--top-k 50]
         [--seed 0] [--num-codebooks 32]
-    python -m csm_jax.csm convert SRC DST     # transformers / original checkpoint -> orbax dir (+ tokenizer, codec)
+    python -m csm_jax.csm convert SRC DST [--quantize int8]   # transformers / original checkpoint -> orbax dir
+        (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales
     python -m csm_jax.csm export SRC DST [--dtype float16]   # any checkpoint -> transformers CSM dir
         (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them)
 
@@ -27,6 +28,8 @@ from csm_jax.checkpoint import CheckpointError
 from csm_jax.csm.export import DTYPES, check_out_dir, export_transformers
 from csm_jax.csm.generator import Segment, load_csm
 from csm_jax.csm.prompt import PROMPT_FILE
+from csm_jax.csm.quantize import MODES as QUANTIZE_MODES
+from csm_jax.csm.quantize import quantize_params
 from csm_jax.csm.weights import HUB_FILES, load_csm_params, save_converted
 
 
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("convert", help="write a converted orbax checkpoint")
     c.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     c.add_argument("output", type=Path)
+    c.add_argument("--quantize", choices=list(QUANTIZE_MODES), default=None,
+                   help="store int8 weight-only quantised projections and heads (per-output-channel scales); "
+                        "embeddings and norms stay in the checkpoint's dtype")
     e = sub.add_parser("export", help="write a transformers CSM directory (CsmForConditionalGeneration reads it)")
     e.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     e.add_argument("output", type=Path)
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             ckpt = hub.checkpoint_path(args.input, HUB_FILES)
             params, cfg = load_csm_params(ckpt)
+            if args.quantize:  # computing in the checkpoint's dtype: the result is the same on any machine
+                params, cfg = quantize_params(params, cfg, args.quantize, cfg.dtype)
             out = save_converted(args.output, params, cfg)
             src = ckpt if ckpt.is_dir() else ckpt.parent
             if (src / "tokenizer.json").is_file():

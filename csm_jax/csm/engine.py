@@ -8,6 +8,7 @@ position, sampling parameters, PRNG stream and stop state; `insert` refills one 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,7 +17,9 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from csm_jax import sharding
+from csm_jax import backend, sharding
+from csm_jax.backend import BackendPolicy
+from csm_jax.csm import quantize
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.llama import init_cache
 from csm_jax.csm.model import Csm
@@ -71,8 +74,11 @@ class Engine:
     """
 
     def __init__(self, params: Any, cfg: CsmConfig, batch_size: int, num_codebooks: int | None = None,
-                 mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES):
+                 mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                 policy: BackendPolicy | None = None):
         self.cfg, self.batch_size = cfg, batch_size
+        # the backend policy this engine's calls are traced with (default: the one in force now)
+        self.policy = backend.current() if policy is None else policy
         self.num_codebooks = cfg.num_codebooks if num_codebooks is None else num_codebooks
         if not 2 <= self.num_codebooks <= cfg.num_codebooks:
             raise ValueError(f"num_codebooks must be in 2..{cfg.num_codebooks}, got {self.num_codebooks}")
@@ -81,12 +87,13 @@ class Engine:
         if mesh is None:
             self.params = jax.device_put(params)  # once: host arrays would be re-transferred on every call
             self._state_sharding = None
-            self._prefill = jax.jit(self._prefill_impl, donate_argnums=1)
-            self._step = jax.jit(self._step_impl, donate_argnums=1)
+            self._prefill = jax.jit(self._with_policy(self._prefill_impl), donate_argnums=1)
+            self._step = jax.jit(self._with_policy(self._step_impl), donate_argnums=1)
             return
         k = cfg.num_codebooks
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros((1, 1, k + 1), jnp.int32),
                                                         jnp.ones((1, 1, k + 1), bool)))["params"]
+        boxed = quantize.boxed_like(boxed, params)  # int8 params: scales laid out as their kernels' outputs
         self.params = jax.device_put(params, sharding.tree_shardings(mesh, rules, boxed))
         abstract = jax.eval_shape(self._zero_state)
         self._state_sharding = jax.tree_util.tree_map(
@@ -94,8 +101,17 @@ class Engine:
             abstract, _state_kinds(cfg.backbone.num_layers),
         )
         codes = sharding.logical_sharding(mesh, rules, STATE_AXES["row"], (batch_size, self.num_codebooks))
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=1, out_shardings=self._state_sharding)
-        self._step = jax.jit(self._step_impl, donate_argnums=1, out_shardings=(self._state_sharding, codes))
+        self._prefill = jax.jit(self._with_policy(self._prefill_impl), donate_argnums=1,
+                                out_shardings=self._state_sharding)
+        self._step = jax.jit(self._with_policy(self._step_impl), donate_argnums=1,
+                             out_shardings=(self._state_sharding, codes))
+
+    def _with_policy(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def traced(*args: Any) -> Any:
+            with backend.use(self.policy):
+                return fn(*args)
+
+        return traced
 
     @property
     def max_seq_len(self) -> int:

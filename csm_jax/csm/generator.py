@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
+from csm_jax import backend as backend_policy
 from csm_jax import hub, sharding
+from csm_jax.backend import PolicyOverrides
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
+from csm_jax.csm import quantize as csm_quantize
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.engine import Engine
 from csm_jax.csm.frontend import TextFrontend
@@ -203,15 +206,30 @@ class Generator:
 
 def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, num_codebooks: int | None = None,
              dtype: str | None = None, mesh: Mesh | None = None,
-             rules: sharding.Rules = sharding.DEFAULT_RULES) -> Generator:
+             rules: sharding.Rules = sharding.DEFAULT_RULES, quantize: str | None = None,
+             backend: Mapping[str, Any] | PolicyOverrides | None = None) -> Generator:
     """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json` and `codec_model.*` when
     present), an original Sesame checkpoint, or a converted dir, each local or a hub repo id `org/name[@revision]`
     (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or anything `load_codec` reads, hub ids
-    included) overrides where Mimi comes from."""
+    included) overrides where Mimi comes from.
+    `dtype`: the compute dtype (float32, bfloat16); parameters are stored in it (cast once here).
+    `quantize="int8"`: int8 weight-only quantisation of the projections and heads (`csm_jax.csm.quantize`),
+    computing in `dtype` (default: the backend policy's); a checkpoint converted with `--quantize int8` is already
+    quantised and is not quantised again.
+    `backend`: backend policy overrides (`csm_jax.backend.configure`, process-wide; None values keep the
+    backend's defaults); None leaves the policy as it is."""
+    if quantize is not None and quantize not in csm_quantize.MODES:
+        raise ValueError(f"unknown quantize {quantize!r}; supported: {list(csm_quantize.MODES)}")
+    if backend is not None:
+        backend_policy.configure(backend)
     path = hub.checkpoint_path(path, HUB_FILES)
     params, cfg = load_csm_params(path)
-    if dtype is not None:
+    if quantize is not None or csm_quantize.is_quantized(params):
+        params, cfg = csm_quantize.quantize_params(params, cfg, "int8", dtype or (
+            cfg.dtype if csm_quantize.is_quantized(params) else None))
+    elif dtype is not None:
         cfg = cfg.replace(dtype=dtype)
+        params = csm_quantize.cast_params(params, cfg.compute_dtype)
     root = path if path.is_dir() else path.parent
     tokenizer = None
     if (root / "tokenizer.json").is_file():

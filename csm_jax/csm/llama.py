@@ -2,8 +2,10 @@
 
 Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `mlp`); `csm_jax.sharding` maps them to mesh
 axes. Projection kernels are stored as torch Linear weights [out, in] (what checkpoints hold; faster to stream on
-CPU for one-token steps, see `linear`). q/k projections use the rotate-half RoPE layout (transformers); original
-checkpoints are permuted on load.
+CPU for one-token steps, see `linear`), in the compute dtype or as int8 with per-output-channel scales
+(`kernel_scale`, see `csm_jax.csm.quantize`). q/k projections use the rotate-half RoPE layout (transformers);
+original checkpoints are permuted on load. Backend-dependent forms (e.g. small-row products) follow
+`csm_jax.backend.current()`.
 An optional static KV cache (slot = absolute position) serves prefill and one-step decoding with the same code.
 """
 
@@ -15,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from csm_jax import backend
 from csm_jax.csm.config import LlamaConfig
 from csm_jax.rope import apply_rope, inv_frequencies
 
@@ -22,26 +25,34 @@ Cache = dict[str, jax.Array]
 _NEG = -1e30
 
 
-# In decoding, up to this many rows, `linear` computes x @ W.T as one fused multiply-and-reduce: on XLA:CPU that
-# streams W once at 25-45 GB/s for 2-8 rows where a dot reaches 10-20 GB/s, and stays ~1.6x faster than the dot at
-# 16-32 rows (one row: a dot is fastest).
-SMALL_ROWS = 32
-
-
-def linear(x: jax.Array, kernel: jax.Array, decode: bool = False) -> jax.Array:
-    """x [..., in] times a torch-layout kernel [*out, in] -> [..., *out], accumulated in float32 at least.
-    `decode`: a generation step, whose few rows may take the multiply-reduce form; otherwise (training, full
-    forward passes) always a dot, so results do not depend on how many rows a batch has."""
+def linear(x: jax.Array, kernel: jax.Array, decode: bool = False, scale: jax.Array | None = None,
+           out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x [..., in] times a torch-layout kernel [*out, in] -> [..., *out] in `out_dtype` (default x's dtype),
+    accumulated in float32 at least. The kernel is used in x's dtype: stored in it (no-op), cast from float32, or
+    int8 with `scale` [*out] (per output channel: x @ (q * s).T == (x @ q.T) * s, the scale applied to the
+    float32 accumulator).
+    `decode`: a generation step, whose few rows may take the multiply-reduce form when the backend policy says so
+    (`csm_jax.backend`); otherwise (training, full forward passes) always a dot, so results do not depend on how
+    many rows a batch has."""
     lead, n_in, out = x.shape[:-1], x.shape[-1], kernel.shape[:-1]
     rows = math.prod(lead)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
     x2 = x.reshape(rows, n_in)
-    kernel = kernel.reshape(-1, n_in)  # as 2-D [out, in]: XLA:CPU is 2-3x slower on (or transposes) [*out, in]
-    if decode and 1 < rows <= SMALL_ROWS:
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1).astype(x.dtype)
+    kernel = kernel.reshape(-1, n_in).astype(x.dtype)  # 2-D [out, in]: XLA:CPU is 2-3x slower on [*out, in]
+    policy = backend.current()
+    if decode and policy.small_row_products and 1 < rows <= policy.small_rows:
+        y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1)
     else:
-        y = jax.lax.dot_general(x2, kernel, (((1,), (1,)), ((), ())))
-    return y.reshape(*lead, *out)
+        y = jax.lax.dot_general(x2, kernel, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    if scale is not None:
+        y = y * scale.reshape(-1).astype(acc)
+    return y.astype(x.dtype if out_dtype is None else out_dtype).reshape(*lead, *out)
+
+
+def optional_param(module: nn.Module, name: str) -> jax.Array | None:
+    """A parameter present only in some parameter trees (the per-channel scales of int8 kernels,
+    `csm_jax.csm.quantize`), or None."""
+    return module.get_variable("params", name) if module.has_variable("params", name) else None
 
 
 def kernel_init(base: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.initializers.Initializer:
@@ -70,7 +81,7 @@ class Linear(nn.Module):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         init = self.init or kernel_init()
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), (*features, x.shape[-1]))
-        return linear(x.astype(self.dtype), kernel.astype(self.dtype), self.decode)
+        return linear(x.astype(self.dtype), kernel, self.decode, optional_param(self, "kernel_scale"))
 
 
 def qkv_kernel_init() -> nn.initializers.Initializer:
@@ -135,10 +146,11 @@ class Attention(nn.Module):
             k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
         allowed = jnp.repeat(k_pos[:, None, :] <= positions[:, :, None], hkv, axis=0)  # [B*Hkv, T, S]: no future
         qg = q.reshape(b, t, hkv, r, hd).transpose(0, 2, 3, 1, 4).reshape(b * hkv, r, t, hd)
-        scores = jnp.einsum("xrtd,xds->xrts", qg, keys.astype(dt)).astype(jnp.float32) * hd**-0.5
+        scores = jnp.einsum("xrtd,xds->xrts", qg, keys.astype(dt), preferred_element_type=jnp.float32) * hd**-0.5
         scores = jnp.where(allowed[:, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt)).reshape(b, hkv, t, r, hd)
+        out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt), preferred_element_type=jnp.float32)
+        out = out.astype(dt).reshape(b, hkv, t, r, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
         return Linear(cfg.hidden_size, ("embed", "heads"), dt, dec, name="o_proj")(out), cache
 

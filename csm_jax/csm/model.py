@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from csm_jax.csm.config import CsmConfig
-from csm_jax.csm.llama import Cache, Transformer, kernel_init, linear
+from csm_jax.csm.llama import Cache, Transformer, kernel_init, linear, optional_param
 
 _EMBED_INIT = nn.initializers.normal(0.02)
 
@@ -29,7 +29,8 @@ class Csm(nn.Module):
         self.audio_embeddings = self.param("audio_embeddings", part(_EMBED_INIT, ("vocab", "embed")), (k * v, bb))
         self.backbone = Transformer(cfg.backbone, dt)
         self.decoder = Transformer(cfg.decoder, dt)
-        # projections are stored as torch Linear weights [out, in] (see llama.linear)
+        # projections are stored as torch Linear weights [out, in] (see llama.linear); int8 trees add
+        # `<name>_scale` per output channel (csm_jax.csm.quantize)
         self.projection = self.param("projection", part(kernel_init(), ("decoder_embed", "embed")), (dd, bb))
         self.codebook0_head = self.param("codebook0_head", part(kernel_init(), ("vocab", "embed")), (v, bb))
         self.audio_head = self.param("audio_head", part(kernel_init(), ("codebooks", "vocab", "decoder_embed")),
@@ -60,23 +61,29 @@ class Csm(nn.Module):
         return self.c0_logits(h, caches is not None), h.astype(jnp.float32), caches
 
     def c0_logits(self, hidden: jax.Array, decode: bool = False) -> jax.Array:
-        """hidden [..., D_b] -> float32 [..., V]. `decode`: see `llama.linear`."""
+        """hidden [..., D_b] -> float32 [..., V] (accumulated and returned in float32). `decode`: see
+        `llama.linear`."""
         dt = self.cfg.compute_dtype
-        return linear(hidden.astype(dt), self.codebook0_head.astype(dt), decode).astype(jnp.float32)
+        return linear(hidden.astype(dt), self.codebook0_head, decode, optional_param(self, "codebook0_head_scale"),
+                      out_dtype=jnp.float32)
 
     def decoder_step(
         self, inputs: jax.Array, positions: jax.Array, caches: list[Cache] | None
     ) -> tuple[jax.Array, list[Cache] | None]:
         """Depth-decoder inputs in backbone width [B, T, D_b] at positions [B, T] -> (hidden [B, T, D_d], caches)."""
         dt = self.cfg.compute_dtype
-        projected = linear(inputs.astype(dt), self.projection.astype(dt), caches is not None)
+        projected = linear(inputs.astype(dt), self.projection, caches is not None,
+                           optional_param(self, "projection_scale"))
         return self.decoder(projected, positions, caches)
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Depth-decoder hidden [B, D_d] -> float32 logits [B, V] for `codebook` (1..K-1); a generation step."""
         dt = self.cfg.compute_dtype
-        head = jax.lax.dynamic_index_in_dim(self.audio_head, codebook - 1, keepdims=False).astype(dt)
-        return linear(hidden.astype(dt), head, decode=True).astype(jnp.float32)
+        head = jax.lax.dynamic_index_in_dim(self.audio_head, codebook - 1, keepdims=False)
+        scale = optional_param(self, "audio_head_scale")
+        if scale is not None:
+            scale = jax.lax.dynamic_index_in_dim(scale, codebook - 1, keepdims=False)
+        return linear(hidden.astype(dt), head, True, scale, out_dtype=jnp.float32)
 
     # full-sequence forms (training, parity) ----------------------------------------------------------------
     def backbone_forward(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +104,10 @@ class Csm(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
         h, _ = self.decoder_step(inputs, positions, None)
         dt = self.cfg.compute_dtype
-        return jnp.einsum("bid,ivd->biv", h[:, 1:].astype(dt), self.audio_head.astype(dt)).astype(jnp.float32)
+        logits = jnp.einsum("bid,ivd->biv", h[:, 1:].astype(dt), self.audio_head.astype(dt),
+                            preferred_element_type=jnp.float32)
+        scale = optional_param(self, "audio_head_scale")
+        return logits if scale is None else logits * scale.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Initialisation entry: backbone logits and teacher-forced depth logits of the last row."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from csm_jax import checkpoint, hub
 from csm_jax.checkpoint import CheckpointError
+from csm_jax.csm import quantize
 from csm_jax.csm.config import CsmConfig, LlamaConfig
 from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.weights import Entry, convert, read_safetensors, rope_interleaved_to_half, same
@@ -33,6 +34,7 @@ HUB_FILES = ("config.json", "model.safetensors", "generation_config.json", "toke
 # Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v fused);
 # older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
 LAYOUT_KEY, LAYOUT = "csm_param_layout", "qkv_out_in"
+QUANTIZE_KEY = "csm_weight_quantization"  # "int8" when the kernels are stored int8 with scales (csm.quantize)
 _HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
 
 
@@ -141,7 +143,12 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
         meta = checkpoint.read_meta(path, CHECKPOINT_KIND)
         cfg = config or CsmConfig.from_dict(meta["config"])
         if meta.get(LAYOUT_KEY) == LAYOUT:
-            return checkpoint.restore(path, abstract_params(cfg)), cfg
+            abstract = abstract_params(cfg)
+            if meta.get(QUANTIZE_KEY) is not None:  # int8 kernels + scales, restored as saved (no re-quantising)
+                if meta[QUANTIZE_KEY] not in quantize.MODES:
+                    raise CheckpointError(f"{path}: unknown weight quantisation {meta[QUANTIZE_KEY]!r}")
+                abstract = quantize.abstract_quantized(abstract, cfg)
+            return checkpoint.restore(path, abstract), cfg
         # converted before the current layout (no layout entry): separate [in, out] kernels, mapped as a
         # transformers checkpoint would be
         old = jax.tree_util.tree_map(np.asarray, checkpoint.restore(path, _v1_abstract_params(cfg)))
@@ -161,11 +168,14 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
 
 
 def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) -> Path:
-    """Write an orbax checkpoint that `load_csm_params` reads back."""
+    """Write an orbax checkpoint that `load_csm_params` reads back (int8 params from `quantize.quantize_params`
+    included: they are stored as they are, with their scales, and the config's compute dtype)."""
     path = checkpoint.save(path, params, CHECKPOINT_KIND, cfg.to_dict())
     meta_file = path / checkpoint.META_FILE
     meta = json.loads(meta_file.read_text())
     meta[LAYOUT_KEY] = LAYOUT
+    if quantize.is_quantized(params):
+        meta[QUANTIZE_KEY] = "int8"
     meta_file.write_text(json.dumps(meta, indent=2))
     return path
 

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from csm_jax.backend import PolicyOverrides
 from csm_jax.configs import from_dict
 from csm_jax.dialogue.responder import ResponderConfig
 from csm_jax.dialogue.transcriber import TranscriberConfig
@@ -18,6 +19,7 @@ class ModelConfig:
     codec: str | None = None
     num_codebooks: int | None = None
     dtype: str | None = None
+    quantize: str | None = None  # int8: weight-only int8 projections and heads (csm_jax.csm.quantize)
     seed: int = 0
 
 
@@ -26,12 +28,13 @@ class EngineConfig:
     batch_size: int = 16
     warmup_rows: int = 2048
     compile_cache_dir: str | None = None
+    backend: PolicyOverrides = dataclasses.field(default_factory=PolicyOverrides)  # csm_jax.backend overrides
 
 
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
-    backend: str = "sqlite"
-    path: str = "outputs/conversations.db"
+    path: str = "outputs/conversations.db"  # SQLite, the embedded default
+    url: str | None = None  # postgresql://user:pw@host:port/db: PostgreSQL (several servers on one history)
 
 
 @dataclasses.dataclass(frozen=True)

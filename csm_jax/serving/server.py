@@ -49,8 +49,10 @@ def resolve_token(net: NetConfig) -> NetConfig:
 
 def build_service(config: ServeConfig) -> Service:
     """Load the model (or build the default one), open the store, start the engine thread after warmup."""
-    from csm_jax.conversation import SQLiteStore
+    from csm_jax import backend
+    from csm_jax.conversation import open_store
     from csm_jax.csm.generator import load_csm
+    from csm_jax.csm.quantize import quantize_params
     from csm_jax.default_model import NAME, default_generator
 
     if config.engine.compile_cache_dir:
@@ -58,21 +60,24 @@ def build_service(config: ServeConfig) -> Service:
 
         jax.config.update("jax_compilation_cache_dir", str(Path(config.engine.compile_cache_dir).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    store = open_store(config.storage.url or config.storage.path)  # before the model: a bad database fails fast
+    backend.configure(config.engine.backend)  # this process's backend policy, overrides from config
     m = config.model
     if m.path is None:
         generator, name = default_generator(m.seed), NAME
-        if m.num_codebooks is not None:
-            generator = Generator(generator.params, generator.cfg, generator.codec, generator.tokenizer,
-                                  m.num_codebooks, frontend=generator.prompt_format().frontend)
+        if m.num_codebooks is not None or m.quantize is not None:
+            params, cfg = generator.params, generator.cfg
+            if m.quantize is not None:
+                params, cfg = quantize_params(params, cfg, m.quantize)
+            generator = Generator(params, cfg, generator.codec, generator.tokenizer, m.num_codebooks,
+                                  frontend=generator.prompt_format().frontend)
     else:
-        generator = load_csm(m.path, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype)
+        generator = load_csm(m.path, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype,
+                             quantize=m.quantize, backend=config.engine.backend)
         name = Path(m.path).name
     if generator.tokenizer is None or generator.codec is None:
         raise ValueError(f"{m.path}: the server needs a checkpoint with tokenizer.json and a codec "
                          "(pass model.codec=...)")
-    if config.storage.backend != "sqlite":
-        raise ValueError(f"unknown storage backend {config.storage.backend!r}; supported: ['sqlite']")
-    store = SQLiteStore(config.storage.path)
     manager = ConversationManager(store, generator.prompt_format().with_context(config.context.max_turns),
                                   generator.cfg.backbone.max_seq_len)
     scheduler = Scheduler(generator, config.engine.batch_size)
@@ -102,3 +107,4 @@ async def serve_forever(config: ServeConfig) -> None:
     finally:
         await runner.cleanup()
         service.scheduler.stop()
+        service.manager.store.close()
