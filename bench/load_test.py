@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -461,8 +462,34 @@ def mode_stats(recs: list[dict[str, Any]], errors: list[dict[str, Any]], sent: i
     }
 
 
+ENGINE_COUNTER = re.compile(r"^csm_engine_(frames|rows|prefills)_total\s+([0-9.e+]+)$", re.M)
+
+
+def engine_counts(args: argparse.Namespace) -> dict[str, float] | None:
+    """The server's engine counters from /metrics (None when it has none: a server before they existed)."""
+    req = urllib.request.Request(http_url(args.url, "/metrics"),
+                                 headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found = {name: float(v) for name, v in ENGINE_COUNTER.findall(text)}
+    return found or None
+
+
+def engine_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
+    """Frames, rows and prefill calls during the load; rows / frames is the mean row bucket."""
+    if not before or not after:
+        return None
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    d["rows_per_frame"] = d["rows"] / d["frames"] if d.get("frames") else None
+    return d
+
+
 def summarize(args: argparse.Namespace, col: Collector, env: dict[str, Any], load: dict[str, Any],
-              spawn: dict[str, Any] | None, durability: dict[str, Any] | None) -> dict[str, Any]:
+              spawn: dict[str, Any] | None, durability: dict[str, Any] | None,
+              engine: dict[str, Any] | None = None) -> dict[str, Any]:
     recs = col.records
     counts = Counter(args.mix[i % len(args.mix)] for i in range(args.clients))
     modes = {m: mode_stats([r for r in recs if r["mode"] == m], [e for e in col.errors if e["mode"] == m],
@@ -488,7 +515,7 @@ def summarize(args: argparse.Namespace, col: Collector, env: dict[str, Any], loa
         "stop_reasons": dict(Counter(str(r["stop_reason"]) for r in recs if r["mode"] != "http")),
         "frames_total": overall["frames"], "audio_s_total": overall["audio_s"], "wall_s": wall_s,
         "throughput_audio_s_per_s": (overall["audio_s"] / wall_s) if wall_s else None,
-        "load_s": load.get("load_s"), "spawn": spawn, "durability": durability,
+        "load_s": load.get("load_s"), "spawn": spawn, "durability": durability, "engine": engine,
         "ok": failures == 0 and not lost,
         "environment": env,
     }
@@ -519,6 +546,10 @@ def print_summary(s: dict[str, Any]) -> None:
             print(f"  {e['mode']} client {e['client']} request {e['request']}: {e['code']}: {e['message']}")
     print(f"audio generated: {s['audio_s_total']:.1f} s in {_f(s['wall_s'], ' s')} wall -> "
           f"{_f(s['throughput_audio_s_per_s'], ' audio s per s', 2)}")
+    if e := s["engine"]:
+        print(f"engine: {e['frames']:.0f} frames, {e['rows']:.0f} rows computed "
+              f"({_f(e['rows_per_frame'], ' rows per frame', 2)}), {e['prefills']:.0f} prefill calls for "
+              f"{s['requests_total']} requests")
     sp = s["spawn"]
     if sp:
         mem = sp["memory"]
@@ -644,7 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         out(f"load test: {args.clients} clients ({', '.join(f'{m} {counts[m]}' for m in args.mix)}) x "
             f"{args.requests} requests, max_audio_ms {args.max_audio_ms}, {args.url}")
         col = Collector()
+        counts_before = engine_counts(args)
         load = asyncio.run(run_load(args, col, audio, audio_rate, server))
+        engine = None if server is not None and server.killed else engine_delta(counts_before, engine_counts(args))
         if server is not None and spawn is not None:
             mem = spawn["memory"]
             if server.killed:
@@ -670,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             mem["restart_rss_mb"] = (restarted.memory() or {}).get("rss_mb")
             durability = asyncio.run(verify(restarted.ws_url, args, col))
             restarted.stop()
-        summary = summarize(args, col, env, load, spawn, durability)
+        summary = summarize(args, col, env, load, spawn, durability, engine)
         ok_exit = bool(summary["ok"])
         if only_json:
             print(json.dumps(summary))

@@ -17,11 +17,16 @@ Choices the policy makes today:
   multiply is the right form at every row count.
 - `quantized_compute_dtype`: the dtype int8 weights are dequantised into (`csm.quantize`): float32 on CPU (XLA:CPU
   has no fast bf16 products), bfloat16 on accelerators.
+- `decode_attention`: how a one-frame step attends over its static KV cache (`csm.llama.Attention`). "filled":
+  blocks of `attention_block` slots, only as many as the longest row has filled (a loop with a data-dependent
+  trip count and an online softmax), so a frame reads the cache it uses rather than all max_seq_len slots; the
+  CPU default. "full": one masked product over the whole cache: no data-dependent loop, which XLA:GPU would
+  drive from the host once per block; the accelerator default (a ragged/paged kernel is the next step there).
 
 Choices still made one way for every backend (CPU-tuned; candidates for fields here once they have a second
-implementation): the KV cache layout [B, Hkv, head_dim, S] (`csm.llama.Attention`), layers as an unrolled Python
-loop rather than a scan (`csm.llama.Transformer`), attention as two einsums over the whole static cache, and the
-top-k threshold's `lax.cond` between `lax.top_k` and a sort (`csm.sampling`).
+implementation): the KV cache layout [B, Hkv, head_dim, S] (`csm.llama.Attention`) and layers as an unrolled
+Python loop rather than a scan (`csm.llama.Transformer`). Sampling has one form everywhere: the top-k threshold
+is an exact branch-free search (`csm.sampling`), so a compiled frame holds no conditional.
 """
 
 from __future__ import annotations
@@ -40,8 +45,15 @@ class BackendPolicy:
     small_row_products: bool = False
     small_rows: int = 32  # the most rows a small-row product takes (with small_row_products)
     quantized_compute_dtype: str = "bfloat16"
+    decode_attention: str = "full"  # "full" | "filled"
+    attention_block: int = 256  # cache slots per block of "filled" attention
 
     def __post_init__(self) -> None:
+        if self.decode_attention not in ("full", "filled"):
+            raise ValueError(f"decode_attention must be 'full' or 'filled', got {self.decode_attention!r}")
+        if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) \
+                or self.attention_block < 1:
+            raise ValueError(f"attention_block must be a positive int, got {self.attention_block!r}")
         if not isinstance(self.small_row_products, bool):
             raise TypeError(f"small_row_products must be a bool, got {self.small_row_products!r}")
         if isinstance(self.small_rows, bool) or not isinstance(self.small_rows, int) or self.small_rows < 2:
@@ -61,12 +73,14 @@ class PolicyOverrides:
     small_row_products: bool | None = None
     small_rows: int | None = None
     quantized_compute_dtype: str | None = None
+    decode_attention: str | None = None
+    attention_block: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-_CPU = BackendPolicy(small_row_products=True, quantized_compute_dtype="float32")
+_CPU = BackendPolicy(small_row_products=True, quantized_compute_dtype="float32", decode_attention="filled")
 _ACCELERATOR = BackendPolicy(small_row_products=False, quantized_compute_dtype="bfloat16")
 
 

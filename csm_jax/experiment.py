@@ -95,16 +95,21 @@ def datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
                  seed=int(cfg.get("seed", 0)))
 
 
-def loader(cfg: dict[str, Any], dataset: Dataset, fmt: PromptFormat, shuffle: bool) -> Loader:
+def loader(cfg: dict[str, Any], dataset: Dataset, fmt: PromptFormat, training: bool) -> Loader:
+    """The `data.loader` Loader: shuffled for training; in dataset order, scoring only each example's last turn,
+    for held-out evaluation (so eval losses compare across `target_turns` settings)."""
     mc, opts = model_config(cfg), dict(cfg["data"]["loader"])
-    unknown = set(opts) - {"batch_size", "max_rows", "context_turns", "seed", "buckets", "group_batches"}
+    unknown = set(opts) - {"batch_size", "max_rows", "context_turns", "seed", "buckets", "group_batches",
+                           "target_turns"}
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted('data.loader.' + k for k in unknown)}")
     if opts["max_rows"] > mc.backbone.max_seq_len:
         raise ValueError(f"data.loader.max_rows={opts['max_rows']} exceeds the model's context "
                          f"({mc.backbone.max_seq_len})")
     opts.pop("context_turns")  # part of the prompt format
-    return Loader(dataset, fmt, shuffle=shuffle, drop_last=False, **opts)
+    if not training:
+        opts["target_turns"] = "last"
+    return Loader(dataset, fmt, shuffle=training, drop_last=False, **opts)
 
 
 class Endless:
@@ -154,11 +159,11 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     check_keys(cfg)
     mc, tc, fmt = model_config(cfg), train_config(cfg), prompt_format(cfg)
     train_set, eval_set = datasets(cfg)
-    eval_loader = None if not tc.eval_every else (lambda: loader(cfg, eval_set, fmt, shuffle=False))
+    eval_loader = None if not tc.eval_every else (lambda: loader(cfg, eval_set, fmt, training=False))
     workdir = Path(cfg["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return train(tc, mc, Endless(loader(cfg, train_set, fmt, shuffle=True)), eval_loader, workdir)
+    return train(tc, mc, Endless(loader(cfg, train_set, fmt, training=True)), eval_loader, workdir)
 
 
 def restore_params(cfg: dict[str, Any], which: str | int = "best") -> tuple[Any, int]:
@@ -182,7 +187,7 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
     params, step = restore_params(cfg, e.get("checkpoint", "best"))
     _, eval_set = datasets(cfg)
     full = LossConfig(depth_fraction=1.0)
-    metrics = evaluate(TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps), params, lambda: loader(cfg, eval_set, fmt, shuffle=False),
+    metrics = evaluate(TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps), params, lambda: loader(cfg, eval_set, fmt, training=False),
                        e.get("eval_batches"), full)
     out = Path(cfg["workdir"]) / "eval" / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)

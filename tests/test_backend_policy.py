@@ -146,3 +146,32 @@ def test_engine_codes_identical_under_both_policies(model) -> None:
         codes[flag] = np.stack(frames)
     np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(codes[True], codes[False])
+
+
+def test_filled_attention_equals_full_attention(model) -> None:
+    """decode_attention="filled" (blocks up to the longest row, online softmax) gives the logits of one masked
+    product over the whole cache, and the same sampled codes, with rows of different lengths crossing block
+    boundaries; its HLO has the data-dependent loop and no conditional."""
+    params, cfg, prompts = model
+    codes, logits, hlo = {}, {}, {}
+    for mode in ("full", "filled"):
+        policy = backend.current().replace(decode_attention=mode, attention_block=8)  # 48 slots: 6 blocks
+        eng = Engine(params, cfg, 4, policy=policy)
+        state = eng.prefill(eng.init_state(), [0, 1, 2, 3], prompts, [5, 6, 7, 8], [0.9] * 4, [50] * 4)
+        hlo[mode] = eng._step.lower(eng.params, state).compile().as_text()
+        frames, steps = [], []
+        for _ in range(12):  # rows of 9..14 prompt rows run past slots 16 and 24
+            with backend.use(policy):
+                steps.append(np.asarray(jax.jit(lambda p, s: Csm(cfg).apply(
+                    {"params": p}, s.tokens[:, None], s.mask[:, None], s.positions[:, None], s.caches,
+                    method=Csm.backbone_step)[0])(eng.params, state)))
+            state, c = eng.step(state)
+            frames.append(np.asarray(c))
+        codes[mode], logits[mode] = np.stack(frames), np.stack(steps)
+    np.testing.assert_allclose(logits["filled"], logits["full"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(codes["filled"], codes["full"])
+    assert " while(" in hlo["filled"] and "conditional(" not in hlo["filled"]
+    assert backend.policy_for("cpu").decode_attention == "filled"
+    assert backend.policy_for("gpu").decode_attention == "full"
+    with pytest.raises(ValueError, match="decode_attention"):
+        backend.resolve({"decode_attention": "paged"}, "cpu")

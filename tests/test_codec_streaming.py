@@ -192,3 +192,21 @@ def test_reset_mask_with_wrong_shape_is_rejected(tiny_codec: csm_jax.MimiCodec) 
     enc = tiny_codec.stream_encoder(3)
     with pytest.raises(ValueError, match=r"mask must have shape \(3,\)"):
         enc.reset([True, False])
+
+
+def test_bucketed_encode_equals_the_streaming_encoder_and_compiles_per_bucket(tiny_codec: csm_jax.MimiCodec) -> None:
+    """`encode_bucketed`: codes of the audio zero-padded to whole frames (the streaming encoder's), for lengths
+    that are and are not whole frames, with one compilation per length bucket, not per length."""
+    from csm_jax.codec import codec as codec_module
+
+    rng = np.random.default_rng(3)
+    encode_fn = codec_module._offline_fns(tiny_codec.config)[0]
+    for n in (3 * FRAME, 3 * FRAME + 5, 5 * FRAME - 7, 1000, 7 * FRAME + 961):
+        audio = (0.1 * rng.standard_normal((2, n))).astype(np.float32)
+        whole = np.pad(audio, ((0, 0), (0, -n % FRAME)))
+        want = stream_encode(tiny_codec, whole)
+        np.testing.assert_array_equal(want, np.asarray(tiny_codec.encode(whole)))
+        compiled_before = encode_fn._cache_size()
+        np.testing.assert_array_equal(np.asarray(tiny_codec.encode_bucketed(audio)), want)
+        new = encode_fn._cache_size() - compiled_before
+        assert new == (n == 3 * FRAME)  # 1..8 frames share the 8-frame bucket: only the first call compiles

@@ -76,11 +76,11 @@ def test_fewer_codebooks(tmp_path_factory):
 
 @pytest.mark.parametrize("vocab", [5, 2051])
 def test_kth_largest_and_row_sampling(vocab):
-    """The top_k threshold (lax.top_k, or a sort when some row's top_k exceeds FAST_TOP_K) is each row's k-th
-    largest value with ties and -inf counted, and `sample_rows` draws per row what `sample_top_k` draws alone."""
+    """The top_k threshold (a branch-free bitwise search) is each row's k-th largest value with ties, signed zeros
+    and -inf counted, and `sample_rows` draws per row what `sample_top_k` draws alone."""
     import jax
 
-    from csm_jax.csm.sampling import FAST_TOP_K, kth_largest, sample_rows, sample_top_k
+    from csm_jax.csm.sampling import kth_largest, sample_rows, sample_top_k
 
     rng = np.random.default_rng(vocab)
     kth = jax.jit(kth_largest)
@@ -89,7 +89,8 @@ def test_kth_largest_and_row_sampling(vocab):
         if trial % 2:
             x = np.round(x, 1)  # many ties
         x[:, rng.integers(0, vocab, 2)] = -np.inf
-        high = vocab if trial >= 3 else min(vocab, FAST_TOP_K)  # trials 3..5 may need the sort
+        x[:, rng.integers(0, vocab, 2)] = rng.choice([0.0, -0.0, 3e38, -3e38, 1e-45], 2)
+        high = vocab if trial >= 3 else min(vocab, 64)
         k = rng.integers(1, high + 1, 3).astype(np.int32)
         want = np.sort(x, axis=-1)[:, ::-1][np.arange(3), k - 1][:, None]
         np.testing.assert_array_equal(np.asarray(kth(x, k)), want)

@@ -227,7 +227,7 @@ def _turn(dataset, fmt, i, k=K):
     return t_tok, t_mask, c_tok, c_mask
 
 
-def _expected(dataset, fmt, target, max_rows, context_turns, k=K):
+def _expected(dataset, fmt, target, max_rows, context_turns, k=K, all_turns=False):
     """The prompt for `target` built independently: most recent whole previous turns that fit, then the target."""
     conv = sorted((i for i, e in enumerate(dataset.entries) if e.conversation == dataset[target].conversation),
                   key=lambda i: dataset[i].turn)
@@ -244,7 +244,7 @@ def _expected(dataset, fmt, target, max_rows, context_turns, k=K):
         t_tok, t_mask, c_tok, c_mask = _turn(dataset, fmt, i, k)
         toks += [t_tok, c_tok]
         masks += [t_mask, c_mask]
-        targets += [np.zeros(len(t_tok), bool), np.full(len(c_tok), i == target)]
+        targets += [np.zeros(len(t_tok), bool), np.full(len(c_tok), i == target or all_turns)]
     return np.concatenate(toks), np.concatenate(masks), np.concatenate(targets), context
 
 
@@ -293,6 +293,29 @@ def test_batches_are_csm_prompts(dataset, fmt, k):
         assert valid.sum() >= 1
     assert seen == {e.id for e in dataset.entries}  # one epoch covers every utterance once
     assert truncated > 0  # max_rows really limited some contexts
+
+
+def test_all_turns_as_targets(dataset, fmt):
+    """target_turns="all": the same rows, every turn's audio (codes and end frame) predicted, never text."""
+    pf = PromptFormat(fmt.tokenizer, K, VOCAB, None, 3)
+    last = Loader(dataset, pf, batch_size=3, max_rows=200, seed=5)
+    every = Loader(dataset, pf, batch_size=3, max_rows=200, seed=5, target_turns="all")
+    with_context = 0
+    for a, b in zip(last, every):
+        for key in ("tokens", "mask", "lengths", "ids"):
+            np.testing.assert_array_equal(a[key], b[key])
+        for r, uid in enumerate(b["ids"]):
+            if uid < 0:
+                continue
+            target = next(i for i, e in enumerate(dataset.entries) if e.id == uid)
+            _, _, targets, context = _expected(dataset, fmt, target, 200, 3, all_turns=True)
+            np.testing.assert_array_equal(b["targets"][r, :len(targets)], targets)
+            assert b["targets"][r].sum() == sum(dataset[i].frames + 1 for i in (*context, target))
+            with_context += bool(context)
+    assert with_context > 0
+    with pytest.raises(ValueError, match="target_turns"):
+        Loader(dataset, pf, batch_size=3, max_rows=200, target_turns="some")
+    assert every.state()["fingerprint"] != last.state()["fingerprint"]
 
 
 def test_context_limits(dataset, fmt):

@@ -21,6 +21,7 @@ from csm_jax.codec.weights import abstract_params, convert_mimi, detect_format
 from csm_jax.weights import read_safetensors
 
 CHECKPOINT_KIND = "mimi"
+ENCODE_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)  # frames of `encode_bucketed` (then multiples of 1024)
 # what `load_codec` reads from a hub repo (kyutai/mimi, a CSM repo with `codec_model.*`, or a converted codec)
 HUB_FILES = ("config.json", "model.safetensors", checkpoint.META_FILE, "params/*")
 
@@ -70,6 +71,18 @@ class MimiCodec:
         audio = _check_audio(audio, batch_ndim=2)
         return self._encode(self.params, audio, self.num_codebooks)
 
+    def encode_bucketed(self, audio: Any) -> jax.Array:
+        """audio float32 [B, N] (or [N]) -> int32 codes [B, K, ceil(N / frame_size)] of the audio zero-padded to
+        whole frames, which is what the streaming encoder (the server's audio turns) and dataset preparation
+        give. Computed on a length bucket (`ENCODE_BUCKETS` frames) with more silence appended, so new lengths do
+        not compile again; the encoder is causal, so the extra frames leave these codes unchanged. (`encode` of
+        unpadded audio may differ in a partial last frame: offline Mimi pads its activations, not the audio.)"""
+        audio = _check_audio(audio, batch_ndim=2)
+        frames = self.num_frames(audio.shape[-1])
+        padded = next((b for b in ENCODE_BUCKETS if b >= frames), -(-frames // 1024) * 1024)
+        audio = jnp.pad(audio, ((0, 0), (0, padded * self.frame_size - audio.shape[-1])))
+        return self._encode(self.params, audio, self.num_codebooks)[..., :frames]
+
     def decode(self, codes: Any) -> jax.Array:
         """codes int [B, K, T] -> float32 audio [B, frame_size * T]."""
         codes = _check_codes(codes, self.config, ndim=3)
@@ -112,7 +125,7 @@ def _stream_fns(cfg: MimiConfig, kind: str, batch_size: int, num_codebooks: int)
 
 
 @jax.jit
-def _reset_rows(fresh: State, state: State, mask: jax.Array) -> State:
+def restart_rows(fresh: State, state: State, mask: jax.Array) -> State:
     """Rows where mask [B] is True taken from `fresh`, the others kept from `state`."""
     return jax.tree_util.tree_map(
         lambda new, old: jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old), fresh, state)
@@ -139,7 +152,7 @@ class _Stream:
         mask = jnp.asarray(mask, jnp.bool_)
         if mask.shape != (self.batch_size,):
             raise ValueError(f"mask must have shape ({self.batch_size},), got {mask.shape}")
-        self.state = _reset_rows(fresh, self.state, mask)
+        self.state = restart_rows(fresh, self.state, mask)
 
 
 class StreamEncoder(_Stream):

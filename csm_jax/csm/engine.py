@@ -238,6 +238,12 @@ class Engine:
             jnp.asarray(top_k, jnp.int32), jnp.asarray(code_limit, jnp.int32),
         )
 
+    def traced_step(self, params: Any, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """`step`'s body under this engine's backend policy, not compiled on its own: to compose into a larger
+        compiled call (the serving frame)."""
+        with backend.use(self.policy):
+            return self._step_impl(params, state)
+
     def step(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         """One frame for every row -> (new state, codes int32 [B, num_codebooks]); finished rows emit zeros."""
         return self._step(self.params, state)

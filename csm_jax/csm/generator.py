@@ -80,13 +80,18 @@ class Generator:
         return self.prompt_format().text_rows(text, speaker)
 
     def audio_rows(self, audio: np.ndarray) -> Rows:
-        """Mono 24 kHz audio -> its Mimi codes plus one all-zero EOS frame, as audio rows."""
+        """Mono 24 kHz audio -> its Mimi codes (offline `encode`, as transformers' CSM) plus one all-zero EOS
+        frame, as audio rows. Whole-frame lengths are encoded on a length bucket (`encode_bucketed`, the same
+        codes) so they share compilations; a partial last frame makes offline Mimi pad its activations in a
+        length-specific way, so those lengths compile their own encode."""
         if self.codec is None:
             raise ValueError("no codec loaded: audio context needs the Mimi weights")
         audio = np.asarray(audio)
         if audio.ndim != 1:
             raise ValueError(f"segment audio must be mono float [N], got shape {list(audio.shape)}")
-        return self.code_rows(np.asarray(self.codec.encode(audio[None]))[0, : self.cfg.num_codebooks].T)
+        whole = audio.shape[0] % self.codec.frame_size == 0
+        codes = (self.codec.encode_bucketed if whole else self.codec.encode)(audio[None])
+        return self.code_rows(np.asarray(codes)[0, : self.cfg.num_codebooks].T)
 
     def code_rows(self, codes: np.ndarray) -> Rows:
         """Audio codes int [T, K'] (K' <= K) plus one all-zero end frame -> audio rows [T+1, K+1]."""

@@ -144,15 +144,47 @@ class Attention(nn.Module):
                             for n, a in (("k", k), ("v", v)))
             cache = {"k": keys.reshape(b, hkv, hd, s), "v": values.reshape(b, hkv, hd, s)}
             k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-        allowed = jnp.repeat(k_pos[:, None, :] <= positions[:, :, None], hkv, axis=0)  # [B*Hkv, T, S]: no future
         qg = q.reshape(b, t, hkv, r, hd).transpose(0, 2, 3, 1, 4).reshape(b * hkv, r, t, hd)
-        scores = jnp.einsum("xrtd,xds->xrts", qg, keys.astype(dt), preferred_element_type=jnp.float32) * hd**-0.5
-        scores = jnp.where(allowed[:, None], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt), preferred_element_type=jnp.float32)
+        policy = backend.current()
+        block = policy.attention_block
+        if cache is not None and t == 1 and policy.decode_attention == "filled" and keys.shape[-1] > block \
+                and keys.shape[-1] % block == 0:
+            out = filled_attention(qg, keys, values, jnp.repeat(positions[:, 0], hkv), block, dt)
+        else:
+            allowed = jnp.repeat(k_pos[:, None, :] <= positions[:, :, None], hkv, axis=0)  # [B*Hkv, T, S]
+            scores = jnp.einsum("xrtd,xds->xrts", qg, keys.astype(dt), preferred_element_type=jnp.float32)
+            scores = jnp.where(allowed[:, None], scores * hd**-0.5, _NEG)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt), preferred_element_type=jnp.float32)
         out = out.astype(dt).reshape(b, hkv, t, r, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
         return Linear(cfg.hidden_size, ("embed", "heads"), dt, dec, name="o_proj")(out), cache
+
+
+def filled_attention(qg: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, block: int,
+                     dt: jnp.dtype) -> jax.Array:
+    """One-step attention over the filled blocks of a static cache: qg [X, R, 1, hd] (X = B * Hkv), keys/values
+    [X, hd, S], positions int32 [X] (the query's slot; slots <= it are attended) -> float32 [X, 1, R, hd].
+    Visits blocks of `block` slots up to the block of the largest position (a data-dependent trip count) with an
+    online softmax, so the unfilled rest of the cache is never read."""
+    x, r, _, hd = qg.shape
+    q = qg[:, :, 0]
+    slots = jnp.arange(block)
+
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        m, denom, acc = carry
+        kb, vb = (jax.lax.dynamic_slice_in_dim(a, i * block, block, axis=2).astype(dt) for a in (keys, values))
+        sc = jnp.einsum("xrd,xds->xrs", q, kb, preferred_element_type=jnp.float32) * hd**-0.5
+        sc = jnp.where((i * block + slots[None, :] <= positions[:, None])[:, None], sc, _NEG)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        p = jnp.exp(sc - m_new[..., None])
+        fix = jnp.exp(m - m_new)
+        acc = acc * fix[..., None] + jnp.einsum("xrs,xds->xrd", p.astype(dt), vb, preferred_element_type=jnp.float32)
+        return m_new, denom * fix + jnp.sum(p, axis=-1), acc
+
+    init = (jnp.full((x, r), _NEG, jnp.float32), jnp.zeros((x, r), jnp.float32), jnp.zeros((x, r, hd), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, jnp.max(positions) // block + 1, body, init)
+    return (acc / denom[..., None])[:, None]
 
 
 class MLP(nn.Module):

@@ -15,8 +15,9 @@ an all-zero end frame), oldest first, then the target's text rows and audio rows
 names how many; `loader.skipped` lists their ids); it is then never context either.
 
 Batches (numpy): `tokens` int32 [B, S, K+1] (codebooks 0..K-1, text in column K), `mask` bool [B, S, K+1],
-`targets` bool [B, S] (the target turn's audio rows including its end frame: the rows whose codes the model
-predicts), `lengths` int32 [B] (rows used; the rest are padding, all-masked), `ids` int32 [B] (the target
+`targets` bool [B, S] (the rows whose codes the model predicts: the target turn's audio rows including its end
+frame, and with `target_turns="all"` the context turns' audio rows too, so that every row of context is also
+trained on, as Sesame trains CSM on every frame), `lengths` int32 [B] (rows used; the rest are padding, all-masked), `ids` int32 [B] (the target
 utterance's dataset id; -1 for a padding example). S is the smallest bucket >= the longest example in the
 batch. Without `drop_last` the last batch of an epoch is padded to B with empty examples (length 0).
 
@@ -231,12 +232,16 @@ class Loader:
         seed, shuffle: the order; shuffle=False keeps dataset order (still length-grouped within windows).
         drop_last: drop an epoch's last partial batch instead of padding it with empty examples.
         group_batches: the length-sorting window, in batches.
+        target_turns: "last" (only the target turn's audio is predicted) or "all" (every turn's audio: about
+            context_turns + 1 times the training signal for the same compute).
         state: a `state()` to continue from.
     """
 
     def __init__(self, dataset: Dataset, fmt: PromptFormat, batch_size: int, max_rows: int = 2048,
                  buckets: Iterable[int] | None = None, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 group_batches: int = 16, state: dict[str, Any] | None = None):
+                 group_batches: int = 16, target_turns: str = "last", state: dict[str, Any] | None = None):
+        if target_turns not in ("last", "all"):
+            raise ValueError(f"target_turns must be 'last' or 'all', got {target_turns!r}")
         num_codebooks, audio_vocab_size = fmt.num_codebooks, fmt.audio_vocab_size
         for name, value, low in (("batch_size", batch_size, 1), ("max_rows", max_rows, 1),
                                  ("group_batches", group_batches, 1), ("seed", seed, 0)):
@@ -252,6 +257,7 @@ class Loader:
         self.num_codebooks, self.audio_vocab_size = num_codebooks, audio_vocab_size
         self.batch_size, self.max_rows, self.context_turns = batch_size, max_rows, fmt.max_context_turns
         self.seed, self.shuffle, self.drop_last, self.group_batches = seed, shuffle, drop_last, group_batches
+        self.target_turns = target_turns
 
         if dataset.meta["fingerprint"].get("format_sha256") == fmt.fingerprint():
             self._text_ids = [dataset.text_ids(i) for i in range(len(dataset))]
@@ -296,7 +302,8 @@ class Loader:
         return examples, skipped
 
     def _make_fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([self.batch_size, self.shuffle, self.drop_last, self.group_batches]).encode())
+        batching = [self.batch_size, self.shuffle, self.drop_last, self.group_batches]
+        h = hashlib.sha256(json.dumps(batching + ([self.target_turns] if self.target_turns != "last" else [])).encode())
         for ex in self.examples:
             h.update(json.dumps([self.dataset.entries[ex.target].id, ex.length,
                                  [self.dataset.entries[c].id for c in ex.context]]).encode())
@@ -317,7 +324,7 @@ class Loader:
             ids = self._text_ids[i]
             t, m = self.format.turn_rows(ids, self.dataset.codes(i)[:, :self.num_codebooks].astype(np.int32))
             tokens[pos:pos + len(t)], mask[pos:pos + len(t)] = t, m
-            if i == ex.target:
+            if i == ex.target or self.target_turns == "all":
                 targets[pos + len(ids):pos + len(t)] = True
             pos += len(t)
 

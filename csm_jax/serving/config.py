@@ -27,6 +27,7 @@ class ModelConfig:
 class EngineConfig:
     batch_size: int = 16
     warmup_rows: int = 2048
+    warmup_batched_rows: int = 256
     compile_cache_dir: str | None = None
     backend: PolicyOverrides = dataclasses.field(default_factory=PolicyOverrides)  # csm_jax.backend overrides
 

@@ -1,9 +1,11 @@
-"""Continuous batching: one engine thread advances every active request in one compiled step per frame.
+"""Continuous batching: one engine thread advances every active request with one compiled call per frame.
 
-Requests are admitted into free slots of a fixed-size batch (prefilled one at a time, so prefill compiles once per
-length bucket), stepped together, decoded by one batched streaming Mimi decoder, and released on the all-zero
-end frame, at their frame limit, or when cancelled; a freed slot is refilled at the next step. Frames and results
-are handed to callbacks that must not block (the server forwards them to asyncio with `call_soon_threadsafe`).
+Requests waiting when slots are free are admitted together (one batched prefill) into the lowest free slots of a
+fixed-size batch; each frame (`ServingFrame`: CSM step + Mimi stream decode -> PCM) computes only the smallest row
+bucket holding the active slots, so one client costs one row. Frames are pipelined: frame N+1 is dispatched before
+frame N is read, so host work (delivery, admission) overlaps device work. A request ends on its all-zero end frame,
+at its frame limit, or when cancelled; a freed slot is refilled at the next frame. Frames and results go to
+callbacks that must not block (the server forwards them to asyncio with `call_soon_threadsafe`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from csm_jax.csm.engine import PREFILL_BUCKETS
 from csm_jax.csm.generator import Generator
+from csm_jax.serving.frame import ServingFrame
 
 log = logging.getLogger(__name__)
 
@@ -73,36 +76,23 @@ class Scheduler:
         if generator.codec is None:
             raise ValueError("the scheduler needs a generator with a codec (audio output)")
         self.generator, self.batch_size = generator, batch_size
-        self.engine = generator.engine(batch_size)
-        self.decoder = generator.codec.stream_decoder(batch_size)
-        self.code_limit = generator.codec.config.codebook_size
-        self._state = self.engine.init_state()
+        self.frames = ServingFrame(generator.engine(batch_size), generator.codec)
+        self.num_codebooks = self.frames.engine.num_codebooks
         self._slots: list[_Slot | None] = [None] * batch_size
         self._pending: queue.Queue[Request] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.prefills = 0  # batched prefill calls
+        self.rows_computed = 0  # rows of every frame computed (the buckets), for metrics and benchmarks
 
     # lifecycle -------------------------------------------------------------------------------------------
-    def warmup(self, max_prompt_rows: int | None = None) -> float:
-        """Compile the frame step, every prefill bucket up to `max_prompt_rows` and the streaming codec; returns
-        seconds taken."""
+    def warmup(self, max_prompt_rows: int | None = None, max_batched_rows: int = 256) -> float:
+        """Compile every row bucket's frame, prefills up to `max_prompt_rows` prompt rows (batched ones up to
+        `max_batched_rows`) and the streaming encoder of user audio turns; returns seconds taken."""
         t0 = time.perf_counter()
-        limit = max_prompt_rows or self.engine.max_seq_len
-        k1 = self.generator.cfg.num_codebooks + 1
-        state = self.engine.init_state()
-        for b in PREFILL_BUCKETS:
-            length = min(b, self.engine.max_seq_len - 1)
-            tokens, mask = np.zeros((length, k1), np.int32), np.zeros((length, k1), bool)
-            mask[:, -1] = True
-            state = self.engine.prefill(state, [0], [(tokens, mask)], [0], [1.0], [1], [self.code_limit])
-            if b >= limit:
-                break
-        state, codes = self.engine.step(self.engine.release(state, [0]))
-        self.decoder.step(np.asarray(codes))
-        self.decoder.reset(mask=np.arange(self.batch_size) == 0)
-        self.decoder.reset()
+        self.frames.warmup(max_prompt_rows or self.frames.engine.max_seq_len, max_batched_rows)
         codec = self.generator.codec  # user audio turns: one streaming encoder per turn
         codec.stream_encoder(1).step(np.zeros((1, codec.frame_size), np.float32))
         return time.perf_counter() - t0
@@ -126,51 +116,68 @@ class Scheduler:
         """Requests submitted and not yet in an engine slot."""
         return self._pending.qsize()
 
+    def counts(self) -> dict[str, int]:
+        """Engine counters since start: frames (compiled calls), rows (computed rows), prefills (calls)."""
+        return {"frames": self.steps, "rows": self.rows_computed, "prefills": self.prefills}
+
     @property
     def active(self) -> int:
         return sum(s is not None for s in self._slots)
 
     # engine thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
+        inflight: tuple[np.ndarray, np.ndarray, list[_Slot | None]] | None = None
         while not self._stop.is_set():
             try:
                 self._admit()
-                if self.active == 0:
+                dispatched = None
+                if self.active:
+                    rows = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+                    codes, pcm = self.frames.step(rows)
+                    dispatched = (codes, pcm, list(self._slots[:codes.shape[0]]))
+                    self.steps += 1
+                    self.rows_computed += codes.shape[0]
+                if inflight is not None:  # frame N is read while frame N+1 runs
+                    self._deliver(*inflight)
+                inflight = dispatched
+                if inflight is None and self.active == 0:
                     self._wake.wait(0.5)
                     self._wake.clear()
-                    continue
-                self._step()
-            except Exception as e:  # never let one bad step kill the service: fail the active requests
+            except Exception as e:  # never let one bad frame kill the service: fail the active requests
                 log.exception("engine step failed")
+                inflight = None
                 for i, slot in enumerate(self._slots):
                     if slot is not None:
                         self._finish(i, "error", error=f"{type(e).__name__}: {e}")
-                self._state = self.engine.init_state()
+                self.frames.reset()
 
     def _admit(self) -> None:
         free = [i for i, s in enumerate(self._slots) if s is None]
-        while free and not self._pending.empty():
+        admitted: list[tuple[int, Request]] = []
+        while len(admitted) < len(free) and not self._pending.empty():
             req = self._pending.get_nowait()
             if req.cancelled.is_set():
-                req.on_done(Result(np.zeros((0, self.engine.num_codebooks), np.int32), "cancelled",
+                req.on_done(Result(np.zeros((0, self.num_codebooks), np.int32), "cancelled",
                                    started=req.submitted, finished=time.perf_counter()))
                 continue
-            row = free.pop(0)
-            self._state = self.engine.prefill(self._state, [row], [(req.tokens, req.mask)], [req.seed],
-                                              [req.temperature], [req.top_k], [self.code_limit])
-            self.decoder.reset(mask=np.arange(self.batch_size) == row)
+            admitted.append((free[len(admitted)], req))
+        if not admitted:
+            return
+        rows = [row for row, _ in admitted]
+        reqs = [req for _, req in admitted]
+        self.frames.prefill(rows, [(r.tokens, r.mask) for r in reqs], [r.seed for r in reqs],
+                            [r.temperature for r in reqs], [r.top_k for r in reqs])
+        self.prefills += 1
+        for row, req in admitted:
             self._slots[row] = _Slot(req, [])
 
-    def _step(self) -> None:
-        self._state, codes = self.engine.step(self._state)
-        codes = np.asarray(codes)
-        audio = np.asarray(self.decoder.step(codes))
-        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-        self.steps += 1
+    def _deliver(self, codes: Any, pcm: Any, owners: list[_Slot | None]) -> None:
+        """Hand one frame's rows to the requests that owned the rows when it was dispatched and still do."""
+        codes, pcm = np.asarray(codes), np.asarray(pcm)
         now = time.perf_counter()
-        for i, slot in enumerate(self._slots):
-            if slot is None:
-                continue
+        for i, slot in enumerate(owners):
+            if slot is None or self._slots[i] is not slot:
+                continue  # idle, or finished while this frame ran (its row output is not the request's)
             req = slot.request
             if req.cancelled.is_set():
                 self._finish(i, "cancelled")
@@ -189,7 +196,7 @@ class Scheduler:
         assert slot is not None
         self._slots[row] = None
         if reason != "eos":  # the engine marks an end frame done itself
-            self._state = self.engine.release(self._state, [row])
-        codes = np.stack(slot.codes) if slot.codes else np.zeros((0, self.engine.num_codebooks), np.int32)
+            self.frames.release([row])
+        codes = np.stack(slot.codes) if slot.codes else np.zeros((0, self.num_codebooks), np.int32)
         slot.request.on_done(Result(codes.astype(np.int32), reason, error, slot.request.submitted,
                                     slot.first_frame, time.perf_counter()))

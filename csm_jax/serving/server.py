@@ -82,7 +82,7 @@ def build_service(config: ServeConfig) -> Service:
                                   generator.cfg.backbone.max_seq_len)
     scheduler = Scheduler(generator, config.engine.batch_size)
     if config.engine.warmup_rows:
-        t = scheduler.warmup(config.engine.warmup_rows)
+        t = scheduler.warmup(config.engine.warmup_rows, config.engine.warmup_batched_rows)
         log.info("warmup (compilation) took %.1f s", t)
     transcriber = build_transcriber(config.transcriber)
     responder = build_responder(config.responder)

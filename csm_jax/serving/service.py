@@ -80,7 +80,7 @@ class Service:
     def __post_init__(self) -> None:
         lim = self.config.limits
         self.metrics = ServerMetrics(lambda: self.scheduler.active, lambda: self.scheduler.queued,
-                                     lambda: self.connections)
+                                     lambda: self.connections, self.scheduler.counts)
         self.clients = ClientBudgets(lim.requests_per_min, lim.request_burst)
         self._ids = itertools.count(1)
 
