@@ -115,7 +115,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None) -> tuple[jax.Array, Cache | None]:
-        """x [B, T, D], positions int32 [B, T]; cache k/v [B, Hkv, hd, S] indexed by position.
+        """x [B, T, D], positions int32 [B, T]; cache k/v [B', Hkv, hd, S] (B' >= B: rows past B are left as
+        they are) indexed by position.
 
         Keys and values are attended as [B * Hkv, hd, S]: both products then read the cache as XLA:CPU's dot
         wants it and the cache is updated in place (a [B, Hkv, ...] view copies the cache when B == 1)."""
@@ -136,13 +137,15 @@ class Attention(nn.Module):
             keys, values = (a.transpose(0, 2, 3, 1).reshape(b * hkv, hd, t) for a in (k, v))
             k_pos = positions
         else:
-            s = cache["k"].shape[-1]
+            # the cache may hold more rows than x (a serving row bucket uses its first B rows, in place)
+            rows, s = cache["k"].shape[0], cache["k"].shape[-1]
             # row b, head g of k/v at position p -> cache[b * Hkv + g, :, p]: index arrays [B, T, Hkv]
             bg = jnp.arange(b * hkv).reshape(b, 1, hkv)
             pos = jnp.broadcast_to(positions[:, :, None], (b, t, hkv))
-            keys, values = (cache[n].reshape(b * hkv, hd, s).at[bg, :, pos].set(a.astype(cache[n].dtype))
+            keys, values = (cache[n].reshape(rows * hkv, hd, s).at[bg, :, pos].set(a.astype(cache[n].dtype))
                             for n, a in (("k", k), ("v", v)))
-            cache = {"k": keys.reshape(b, hkv, hd, s), "v": values.reshape(b, hkv, hd, s)}
+            cache = {"k": keys.reshape(rows, hkv, hd, s), "v": values.reshape(rows, hkv, hd, s)}
+            keys, values = keys[: b * hkv], values[: b * hkv]
             k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
         qg = q.reshape(b, t, hkv, r, hd).transpose(0, 2, 3, 1, 4).reshape(b * hkv, r, t, hd)
         policy = backend.current()

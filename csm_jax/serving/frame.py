@@ -16,6 +16,7 @@ so a frame never synchronises with the host: frame N+1 can be dispatched before 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -38,6 +39,17 @@ def row_buckets(batch_size: int) -> tuple[int, ...]:
 
 def _rows_of(tree: Any, rows: int) -> Any:
     return jax.tree_util.tree_map(lambda x: x[:rows], tree)
+
+
+def _state_rows(state: DecodeState, rows: int) -> DecodeState:
+    """The first `rows` rows of every per-row field; the KV caches stay whole (the step writes and reads their
+    first rows in place: slicing them would copy every layer's cache twice per frame)."""
+    return dataclasses.replace(_rows_of(dataclasses.replace(state, caches=[]), rows), caches=state.caches)
+
+
+def _put_state_rows(state: DecodeState, part: DecodeState) -> DecodeState:
+    small = _put_rows(dataclasses.replace(state, caches=[]), dataclasses.replace(part, caches=[]))
+    return dataclasses.replace(small, caches=part.caches)
 
 
 def _put_rows(tree: Any, part: Any) -> Any:
@@ -63,13 +75,13 @@ class ServingFrame:
     def _frame_impl(self, params: Any, codec_params: Any, state: DecodeState, decoder_state: Any,
                     rows: int) -> tuple[DecodeState, Any, jax.Array, jax.Array]:
         whole = rows == self.batch_size
-        sub, dsub = (state, decoder_state) if whole else (_rows_of(state, rows), _rows_of(decoder_state, rows))
+        sub, dsub = (state, decoder_state) if whole else (_state_rows(state, rows), _rows_of(decoder_state, rows))
         sub, codes = self.engine.traced_step(params, sub)
         audio, dsub = self._decode_step(codec_params, codes, dsub)
         pcm = (jnp.clip(audio, -1.0, 1.0) * 32767.0).astype(jnp.int16)  # truncation, as numpy's astype
         if whole:
             return sub, dsub, codes, pcm
-        return _put_rows(state, sub), _put_rows(decoder_state, dsub), codes, pcm
+        return _put_state_rows(state, sub), _put_rows(decoder_state, dsub), codes, pcm
 
     # host API ------------------------------------------------------------------------------------------
     def bucket(self, rows: int) -> int:
