@@ -1,7 +1,8 @@
 """Jitted, sharded train and eval steps.
 
 `TrainProgram` ties a model config, loss and optimiser settings and a mesh together: it places the TrainState by the
-logical-axis rules, shards each batch over the `batch` rule's mesh axes (data x fsdp by default), and compiles
+logical-axis rules, shards each batch over the `batch` rule's mesh axes (data x fsdp by default; with several
+processes every process passes the same global batch and places its own rows), and compiles
 `train_step(state, batch) -> (state, metrics)` (state donated) and `eval_stats(params, batch) -> LossStats`.
 
 Gradient accumulation: a batch of B rows is split into `grad_accum` micro-batches of strided rows
@@ -200,7 +201,8 @@ class TrainProgram:
         return self._c.init(key, params)
 
     def shard_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-        """This process's rows of the batch (numpy) -> global arrays sharded over the batch axes."""
+        """The global batch (numpy, the same on every process) -> global arrays sharded over the batch axes; each
+        process copies only the rows of its own devices."""
         out = {}
         for name in BATCH_KEYS:
             x = batch[name]
@@ -208,11 +210,10 @@ class TrainProgram:
                 out[name] = x
                 continue
             x = np.asarray(x)
-            global_rows = x.shape[0] * jax.process_count()
-            if global_rows % self._c.batch_divisor:
-                raise ValueError(f"batch of {global_rows} rows does not split over {self._c.batch_divisor} "
+            if x.shape[0] % self._c.batch_divisor:
+                raise ValueError(f"batch of {x.shape[0]} rows does not split over {self._c.batch_divisor} "
                                  "batch shards")
-            out[name] = jax.make_array_from_process_local_data(self.batch_sharding, x)
+            out[name] = jax.make_array_from_callback(x.shape, self.batch_sharding, lambda index, x=x: x[index])
         return out
 
     def train_step(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -7,6 +7,11 @@ or a zero-argument callable returning a fresh iterable; `eval_batches` caps a pa
 
 Resuming is exact: the latest checkpoint in `<workdir>/checkpoints` restores parameters, optimizer state, step and
 PRNG key (the step's key is derived from the key and the step number), and the loader position saved with it.
+
+Several processes (`config.distributed`, see docs/distributed_training.md): every process calls `train` with the same
+arguments and a loader yielding the same global batches (same data and seed); each copies only its own devices'
+rows. All processes write their shards of each checkpoint (the workdir must be on a shared filesystem); process 0
+writes metrics, the progress bar and the loader state.
 """
 
 from __future__ import annotations
