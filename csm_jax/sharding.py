@@ -6,6 +6,7 @@ Default serving layout: requests (`batch`) over `data`, attention heads and MLP 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,11 +34,31 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def mesh_shape(data: int, tensor: int, num_devices: int) -> tuple[int, int]:
+    """(data, tensor) with a -1 resolved to the devices the other axis leaves; raises ValueError, in one line,
+    when the shape is malformed or does not fit `num_devices`."""
+    for name, size in (("data", data), ("tensor", tensor)):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or (size < 1 and size != -1):
+            raise ValueError(f"mesh {name} must be a positive int or -1 (the rest of the devices), got {size!r}")
+    data, tensor = int(data), int(tensor)
+    if data == -1 and tensor == -1:
+        raise ValueError("mesh: at most one of data and tensor may be -1")
+    if -1 in (data, tensor):
+        rest, other, size = ("data", "tensor", tensor) if data == -1 else ("tensor", "data", data)
+        if num_devices % size:
+            raise ValueError(f"mesh {rest}=-1 needs the device count ({num_devices}) to be a multiple of "
+                             f"{other}={size}")
+        data, tensor = (num_devices // size, size) if data == -1 else (size, num_devices // size)
+    if data * tensor > num_devices:
+        raise ValueError(f"mesh data={data} x tensor={tensor} needs {data * tensor} devices, have {num_devices}")
+    return data, tensor
+
+
 def make_mesh(data: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, tensor) mesh over the first data * tensor devices (Auto axis types)."""
+    """A (data, tensor) mesh over the first data * tensor devices (Auto axis types); one of the two may be -1:
+    every device the other leaves (their number must be a multiple of it)."""
     devices = list(devices if devices is not None else jax.devices())
-    if data * tensor > len(devices):
-        raise ValueError(f"mesh {data}x{tensor} needs {data * tensor} devices, have {len(devices)}")
+    data, tensor = mesh_shape(data, tensor, len(devices))
     return Mesh(np.array(devices[: data * tensor]).reshape(data, tensor), ("data", "tensor"))
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from csm_jax import sharding
 from csm_jax.backend import PolicyOverrides
 from csm_jax.configs import from_dict
 from csm_jax.dialogue.responder import ResponderConfig
@@ -30,6 +31,32 @@ class EngineConfig:
     warmup_batched_rows: int = 256
     compile_cache_dir: str | None = None
     backend: PolicyOverrides = dataclasses.field(default_factory=PolicyOverrides)  # csm_jax.backend overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh the model is served on: data x tensor over this host's devices (-1: the devices the other
+    axis leaves). Requests (`batch` rows) go over data, attention heads and MLP over tensor (csm_jax.sharding).
+    1 x 1 serves on one device, unsharded. `rules`: logical axis -> mesh axis (None: sharding.DEFAULT_RULES)."""
+
+    data: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, str | None], ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("data", "tensor"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+                raise ValueError(f"mesh.{name} must be a positive int or -1 (the rest of the devices), got {size!r}")
+        if self.data == -1 and self.tensor == -1:
+            raise ValueError("at most one of mesh.data and mesh.tensor may be -1")
+        for rule in self.rules or ():
+            if (not isinstance(rule, tuple) or len(rule) != 2 or not isinstance(rule[0], str)
+                    or rule[1] not in ("data", "tensor", None)):
+                raise ValueError(f"mesh.rules entries are [logical_axis, data|tensor|null], got {rule!r}")
+
+    def resolved_rules(self) -> sharding.Rules:
+        return sharding.DEFAULT_RULES if self.rules is None else self.rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +108,7 @@ class ContextConfig:
 class ServeConfig:
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    mesh: MeshConfig = MeshConfig()
     storage: StorageConfig = StorageConfig()
     server: NetConfig = NetConfig()
     limits: Limits = Limits()

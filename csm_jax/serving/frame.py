@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from csm_jax.codec.codec import MimiCodec, restart_rows
 from csm_jax.codec.mimi import Mimi
@@ -65,11 +66,23 @@ class ServingFrame:
         self.buckets = row_buckets(self.batch_size)
         module = Mimi(codec.config)
         b = self.batch_size
-        self._decoder_init = jax.jit(lambda p: module.apply({"params": p}, b, method=Mimi.init_decoder_state))
+        self.state: DecodeState = engine.init_state()
+        self.codec_params = codec.params
+        self._state_sharding = self._decoder_sharding = None
+        placed: dict[str, Any] = {}
+        if engine.mesh is not None:
+            # on a mesh, frames keep the engine's decode-state layout and the decoder state's rows go over the same
+            # axis as the requests' (left to itself, XLA picks other output layouts, and the next frame, seeing new
+            # input shardings, compiles again and reshards the KV caches); the codec is replicated once, here
+            self._state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+            self._decoder_sharding = NamedSharding(engine.mesh, PartitionSpec(*self._state_sharding.done.spec))
+            self.codec_params = jax.device_put(codec.params, NamedSharding(engine.mesh, PartitionSpec()))
+            placed = {"out_shardings": self._decoder_sharding}
+        self._decoder_init = jax.jit(lambda p: module.apply({"params": p}, b, method=Mimi.init_decoder_state),
+                                     **placed)
         self._decode_step = lambda p, codes, s: module.apply({"params": p}, codes, s, method=Mimi.decode_step)
         self._frame = jax.jit(self._frame_impl, static_argnums=4, donate_argnums=(2, 3))
-        self.state: DecodeState = engine.init_state()
-        self.decoder_state: Any = self._decoder_init(codec.params)
+        self.decoder_state: Any = self._decoder_init(self.codec_params)
 
     # compiled bodies -----------------------------------------------------------------------------------
     def _frame_impl(self, params: Any, codec_params: Any, state: DecodeState, decoder_state: Any,
@@ -79,9 +92,12 @@ class ServingFrame:
         sub, codes = self.engine.traced_step(params, sub)
         audio, dsub = self._decode_step(codec_params, codes, dsub)
         pcm = (jnp.clip(audio, -1.0, 1.0) * 32767.0).astype(jnp.int16)  # truncation, as numpy's astype
-        if whole:
-            return sub, dsub, codes, pcm
-        return _put_state_rows(state, sub), _put_rows(decoder_state, dsub), codes, pcm
+        if not whole:
+            sub, dsub = _put_state_rows(state, sub), _put_rows(decoder_state, dsub)
+        if self._state_sharding is not None:
+            sub = jax.lax.with_sharding_constraint(sub, self._state_sharding)
+            dsub = jax.lax.with_sharding_constraint(dsub, self._decoder_sharding)
+        return sub, dsub, codes, pcm
 
     # host API ------------------------------------------------------------------------------------------
     def bucket(self, rows: int) -> int:
@@ -92,7 +108,7 @@ class ServingFrame:
         """Advance rows 0..bucket(rows)-1 one frame -> (codes int32 [R, K'], pcm int16 [R, frame_size]), R the
         bucket; rows past `rows` are idle and emit zeros and silence."""
         r = self.bucket(rows)
-        self.state, self.decoder_state, codes, pcm = self._frame(self.engine.params, self.codec.params, self.state,
+        self.state, self.decoder_state, codes, pcm = self._frame(self.engine.params, self.codec_params, self.state,
                                                                  self.decoder_state, r)
         return codes, pcm
 
@@ -110,8 +126,10 @@ class ServingFrame:
                                          pick(top_k), pick(limit))
         fresh = np.zeros((self.batch_size,), bool)
         fresh[rows] = True
-        self.decoder_state = restart_rows(self._decoder_init(self.codec.params), self.decoder_state,
+        self.decoder_state = restart_rows(self._decoder_init(self.codec_params), self.decoder_state,
                                            jnp.asarray(fresh))
+        if self._decoder_sharding is not None:  # a no-op unless the eager merge picked another layout
+            self.decoder_state = jax.device_put(self.decoder_state, self._decoder_sharding)
 
     def release(self, rows: list[int]) -> None:
         """Stop `rows` (cancelled or at their frame limit): they emit zeros until refilled."""
@@ -120,7 +138,7 @@ class ServingFrame:
     def reset(self) -> None:
         """Every row idle, every stream restarted (after an engine failure)."""
         self.state = self.engine.init_state()
-        self.decoder_state = self._decoder_init(self.codec.params)
+        self.decoder_state = self._decoder_init(self.codec_params)
 
     def warmup(self, max_prompt_rows: int, max_batched_rows: int) -> None:
         """Compile every row bucket's frame, single prefills up to `max_prompt_rows` prompt rows, and batched
@@ -145,6 +163,6 @@ class ServingFrame:
     def compiled_text(self, rows: int) -> str:
         """The optimised HLO of the `rows`-row frame (one executable), for inspection."""
         r = self.bucket(rows)
-        return self._frame.lower(self.engine.params, self.codec.params, self.state, self.decoder_state,
+        return self._frame.lower(self.engine.params, self.codec_params, self.state, self.decoder_state,
                                  r).compile().as_text()
 
