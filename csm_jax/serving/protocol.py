@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from csm_jax.audio.processor import SAMPLE_RATE, AudioError, AudioTooLong
-from csm_jax.conversation import UnknownConversation
+from csm_jax.conversation import StoreError, UnknownConversation
 from csm_jax.dialogue.transcriber import TranscriptionError
 from csm_jax.serving.audio_turn import ENCODINGS, AudioTurn
 from csm_jax.serving.fields import MAX_ID_CHARS, ProtocolError, int_field, parse_object, str_field, valid_id
@@ -119,6 +119,10 @@ class Connection:
             await handler(self, msg)
         except ProtocolError as e:
             self.error(e.code, e.message, msg)
+        except StoreError as e:  # the database is lost (or failed): this event stored nothing; the connection goes on
+            log.error("conversation store: %s", e)
+            self.error("storage_unavailable", "the conversation store cannot be used right now; nothing was "
+                                              "stored (try again shortly; the server log has the details)", msg)
         except Exception as e:  # a server fault must not take the connection down
             log.exception("event failed")
             self.error("internal", f"the server failed on this event ({type(e).__name__}); see its log", msg)
