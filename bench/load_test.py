@@ -184,6 +184,17 @@ class SpawnedServer:
                 self.kill9()
 
 
+def urls(args: argparse.Namespace) -> list[str]:
+    """The servers under test: `--url` may list several replicas, comma-separated."""
+    return [u.strip() for u in args.url.split(",") if u.strip()]
+
+
+def url_for(args: argparse.Namespace, i: int) -> str:
+    """Client i's server: the replicas in turn."""
+    all_urls = urls(args)
+    return all_urls[i % len(all_urls)]
+
+
 def http_url(ws_url: str, path: str) -> str:
     """ws://host:port/ws?token=... -> http://host:port<path>."""
     u = urllib.parse.urlsplit(ws_url)
@@ -242,7 +253,7 @@ async def ws_client(i: int, mode: str, args: argparse.Namespace, col: Collector,
     t_connect = time.perf_counter()
     col.first_connect = min(t_connect, col.first_connect or t_connect)
     try:
-        async with Client(args.url, args.token, timeout=args.timeout, open_timeout=args.timeout) as c:
+        async with Client(url_for(args, i), args.token, timeout=args.timeout, open_timeout=args.timeout) as c:
             col.server = col.server or c.ready
             cid = await c.start()
             col.conversations[cid] = mode
@@ -287,7 +298,7 @@ async def ws_client(i: int, mode: str, args: argparse.Namespace, col: Collector,
 
 async def http_client(i: int, args: argparse.Namespace, col: Collector) -> None:
     """`--requests` POST /v1/audio/speech calls in a row, each streamed as raw PCM16."""
-    url = http_url(args.url, "/v1/audio/speech")
+    url = http_url(url_for(args, i), "/v1/audio/speech")
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.timeout, sock_read=args.timeout)
     t_connect = time.perf_counter()
@@ -466,16 +477,23 @@ ENGINE_COUNTER = re.compile(r"^csm_engine_(frames|rows|prefills)_total\s+([0-9.e
 
 
 def engine_counts(args: argparse.Namespace) -> dict[str, float] | None:
-    """The server's engine counters from /metrics (None when it has none: a server before they existed)."""
-    req = urllib.request.Request(http_url(args.url, "/metrics"),
-                                 headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    found = {name: float(v) for name, v in ENGINE_COUNTER.findall(text)}
-    return found or None
+    """The servers' engine counters from /metrics, summed over the replicas (None when one has none: a server
+    from before they existed)."""
+    total: dict[str, float] = {}
+    for url in urls(args):
+        req = urllib.request.Request(http_url(url, "/metrics"),
+                                     headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        found = {name: float(v) for name, v in ENGINE_COUNTER.findall(text)}
+        if not found:
+            return None
+        for name, v in found.items():
+            total[name] = total.get(name, 0.0) + v
+    return total
 
 
 def engine_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
@@ -500,7 +518,7 @@ def summarize(args: argparse.Namespace, col: Collector, env: dict[str, Any], loa
     lost = None if durability is None else (durability["lost"] + durability["altered"]
                                             + durability["conversations_missing"] + durability["check_errors"])
     return {
-        "url": args.url, "clients": args.clients, "requests_per_client": args.requests, "mix": list(args.mix),
+        "url": args.url, "replicas": len(urls(args)), "clients": args.clients, "requests_per_client": args.requests, "mix": list(args.mix),
         "clients_per_mode": dict(counts), "max_audio_ms": args.max_audio_ms, "text": args.text,
         "server": {k: col.server.get(k) for k in ("model", "protocol", "num_codebooks", "limits")},
         "requests_total": overall["requests"], "requests_ok": overall["ok"],
@@ -581,7 +599,8 @@ def print_summary(s: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=os.environ.get("CSM_JAX_URL") or DEFAULT_URL,
-                   help="a running server's WebSocket URL (ignored with --spawn)")
+                   help="a running server's WebSocket URL, or several replicas' comma-separated (client i uses "
+                        "replica i mod N; ignored with --spawn)")
     p.add_argument("--token", default=os.environ.get("CSM_JAX_TOKEN") or None)
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default %(default)s)")
     p.add_argument("--requests", type=int, default=2, help="requests per client, in a row (default %(default)s)")
@@ -607,6 +626,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="persistent XLA compilation cache (default %(default)s)")
     s.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for the server, repeatable (e.g. engine.batch_size=8)")
+    s.add_argument("--replicas", type=int, default=1, help="servers to spawn on one database (needs --server-arg "
+                   "storage.url=postgresql://...; client i uses replica i mod N; the durability check reads every "
+                   "conversation through replica 0)")
     s.add_argument("--kill9-after", type=float, metavar="SECONDS",
                    help="SIGKILL the server this many seconds into the load (then restart and check every turn)")
     s.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for the server to start")
@@ -636,6 +658,11 @@ def load_audio(path: Path) -> tuple[np.ndarray, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replicas < 1 or (args.replicas > 1 and not (args.spawn and any(
+            a.startswith("storage.url=") for a in args.server_arg))):
+        print("--replicas N > 1 needs --spawn and a shared database: --server-arg storage.url=postgresql://...",
+              file=sys.stderr)
+        return 2
     only_json = args.json == "-"
     out = (lambda *a: None) if only_json else print
     audio, audio_rate = load_audio(args.audio_file) if "audio" in args.mix else (np.zeros(0, np.int16), 24_000)
@@ -644,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         print_environment(env)
     workdir: Path | None = None
     server: SpawnedServer | None = None
+    extras: list[SpawnedServer] = []  # --replicas beyond the first
     spawn: dict[str, Any] | None = None
     durability: dict[str, Any] | None = None
     ok_exit = False
@@ -664,6 +692,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(e, file=sys.stderr)
                 return 1
             args.url = server.ws_url
+            for r in range(1, args.replicas):  # more servers on the same database
+                extra = SpawnedServer(workdir, db, args.cache_dir, args.server_arg, f"load-{r}")
+                extras.append(extra)
+                try:
+                    extra.start(args.start_timeout)
+                except RuntimeError as e:
+                    print(e, file=sys.stderr)
+                    return 1
+                out(f"replica {r} ready in {_f(extra.ready_s, ' s')} (pid {extra.pid}), {extra.ws_url}")
+                args.url += "," + extra.ws_url
             time.sleep(1.0)  # ready and idle
             before = server.memory() or {}
             out(f"server ready in {_f(server.ready_s, ' s')} (pid {server.pid}), {args.url}, "
@@ -688,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
             samples = load.get("rss_samples_mb") or []
             mem.update(after_rss_mb=after.get("rss_mb"), peak_hwm_mb=after.get("hwm_mb"),
                        load_max_rss_mb=max(samples, default=None), load_samples=len(samples))
+            for extra in extras:
+                extra.kill9()
             server.kill9()  # a hard kill at the end too: durability is always checked after a kill -9
             out(f"server killed (SIGKILL); restarting it on {db} to check {len(col.acks)} acknowledged turns")
             restarted = SpawnedServer(workdir, db, args.cache_dir, args.server_arg, "restart")
@@ -713,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps(summary, indent=1))
                 print(f"wrote {args.json}")
     finally:
+        for extra in extras:
+            extra.kill9()
         if server is not None:
             server.kill9()
         if workdir is not None:

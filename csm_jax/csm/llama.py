@@ -42,6 +42,10 @@ def linear(x: jax.Array, kernel: jax.Array, decode: bool = False, scale: jax.Arr
     policy = backend.current()
     if decode and policy.small_row_products and 1 < rows <= policy.small_rows:
         y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1)
+    elif decode and policy.small_row_products and rows == 1 and scale is not None:
+        # one row of an int8 kernel: as a dot, XLA:CPU writes out the whole dequantised kernel first (15x slower);
+        # this reduce streams the int8 weights once (written without a row axis, which XLA would turn into a dot)
+        y = jnp.sum(kernel.astype(acc) * x2.astype(acc), axis=-1)[None]
     else:
         y = jax.lax.dot_general(x2, kernel, (((1,), (1,)), ((), ())), preferred_element_type=acc)
     if scale is not None:
