@@ -27,15 +27,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 import torch
 import transformers
-from generate_bench import (BandwidthProbe, OtherLoad, build_checkpoint, hf_inputs_embeds, hf_run, jax_first_calls,
-                            jax_run, make_prompt, memory, nbytes, resident, stats)
+from bench_env import print_environment, verdict
+from generate_bench import (
+    BandwidthProbe,
+    OtherLoad,
+    build_checkpoint,
+    hf_inputs_embeds,
+    hf_run,
+    jax_first_calls,
+    jax_run,
+    make_prompt,
+    memory,
+    nbytes,
+    resident,
+    stats,
+)
 
 import csm_jax
-from bench_env import print_environment, verdict
 
 BATCHES = (1, 4)
 TARGETS = {"hf_fp32": 3.0, "hf_int8": 1.5}  # csm-jax int8 speedup over each, at B=1

@@ -29,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csm_jax.csm import quantize  # noqa: E402
-from csm_jax.csm.config import CsmConfig, LlamaConfig  # noqa: E402
-from csm_jax.csm.engine import Engine  # noqa: E402
-from csm_jax.csm.model import Csm  # noqa: E402
-from csm_jax.csm.weights import load_csm_params  # noqa: E402
+from csm_jax.csm import quantize
+from csm_jax.csm.config import CsmConfig, LlamaConfig
+from csm_jax.csm.engine import Engine
+from csm_jax.csm.model import Csm
+from csm_jax.csm.weights import load_csm_params
 
 VARIANTS = ("bf16", "int8", "int8_bf16")
 BOUNDS = {"bf16": 0.99, "int8": 0.97, "int8_bf16": 0.97}

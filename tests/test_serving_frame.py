@@ -42,7 +42,7 @@ def test_one_executable_per_frame_without_branches_or_host_calls(gen):
     frames = ServingFrame(gen.engine(4), gen.codec)
     for rows in (1, 4):
         hlo = frames.compiled_text(rows)
-        assert len(re.findall(r"^HloModule ", hlo, re.M)) == 1
+        assert len(re.findall(r"^HloModule ", hlo, re.MULTILINE)) == 1
         ops = set(re.findall(r"=\s*[^\s]+\s+([a-z][a-z0-9-]*)\(", hlo))
         assert "conditional" not in ops, "a branch in the frame: XLA:GPU would synchronise with the host"
         for host in ("outfeed", "infeed", "send", "recv", "host-compute"):
@@ -50,7 +50,7 @@ def test_one_executable_per_frame_without_branches_or_host_calls(gen):
         assert "callback" not in hlo.lower()
         assert "convolution" in ops  # the Mimi vocoder is in this executable ...
         assert "dot" in ops or "multiply" in ops  # ... with the CSM transformer
-        assert re.search(r"s16\[%d,%d\]" % (rows, gen.codec.frame_size), hlo)  # and PCM comes out of it
+        assert re.search(rf"s16\[{rows},{gen.codec.frame_size}\]", hlo)  # and PCM comes out of it
 
 
 def test_scheduler_equals_the_generator_with_batched_prefill_and_row_buckets(gen):

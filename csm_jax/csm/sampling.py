@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+
 def _order_keys(x: jax.Array) -> jax.Array:
     """float32 [..] -> uint32 keys with the same order (-0.0 and 0.0 equal; -inf lowest)."""
     bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.uint32)

@@ -121,7 +121,7 @@ class ServingFrame:
             raise ValueError(f"need one prompt per row, got {len(prompts)} prompts for {n} rows")
         pad = self.bucket(n) - n
         limit = code_limit or [self.codec.config.codebook_size] * n
-        pick = lambda xs: list(xs) + [xs[0]] * pad  # noqa: E731  (copies of the first: same row, same values)
+        pick = lambda xs: list(xs) + [xs[0]] * pad
         self.state = self.engine.prefill(self.state, pick(rows), pick(prompts), pick(seeds), pick(temperature),
                                          pick(top_k), pick(limit))
         fresh = np.zeros((self.batch_size,), bool)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -45,12 +46,12 @@ class ServerMetrics:
 class _EngineCounters(Collector):
     """`csm_engine_<name>_total` for each count the scheduler reports (frames, rows, prefills)."""
 
-    HELP = {"frames": "compiled serving-frame calls", "rows": "rows computed over all frames (row buckets)",
+    HELP: ClassVar[dict[str, str]] = {"frames": "compiled serving-frame calls", "rows": "rows computed over all frames (row buckets)",
             "prefills": "prefill calls (requests admitted together share one)"}
 
     def __init__(self, counts: Callable[[], dict[str, int]]):
         self.counts = counts
 
-    def collect(self):  # noqa: ANN201 (prometheus_client's protocol)
+    def collect(self):
         for name, value in self.counts().items():
             yield CounterMetricFamily(f"csm_engine_{name}", self.HELP.get(name, name), value=value)
