@@ -160,11 +160,12 @@ def test_filled_attention_equals_full_attention(model) -> None:
         state = eng.prefill(eng.init_state(), [0, 1, 2, 3], prompts, [5, 6, 7, 8], [0.9] * 4, [50] * 4)
         hlo[mode] = eng._step.lower(eng.params, state).compile().as_text()
         frames, steps = [], []
+        logits_of = jax.jit(lambda p, s: Csm(cfg).apply(
+            {"params": p}, s.tokens[:, None], s.mask[:, None], s.positions[:, None], s.caches,
+            method=Csm.backbone_step)[0])  # traced once, under `policy`
         for _ in range(12):  # rows of 9..14 prompt rows run past slots 16 and 24
             with backend.use(policy):
-                steps.append(np.asarray(jax.jit(lambda p, s: Csm(cfg).apply(
-                    {"params": p}, s.tokens[:, None], s.mask[:, None], s.positions[:, None], s.caches,
-                    method=Csm.backbone_step)[0])(eng.params, state)))
+                steps.append(np.asarray(logits_of(eng.params, state)))
             state, c = eng.step(state)
             frames.append(np.asarray(c))
         codes[mode], logits[mode] = np.stack(frames), np.stack(steps)
