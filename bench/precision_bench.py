@@ -102,8 +102,7 @@ def teacher_forced(params: dict, cfg: CsmConfig, prompts: list) -> np.ndarray:
 def greedy(params: dict, cfg: CsmConfig, prompts: list, frames: int) -> np.ndarray:
     """Greedy codes int32 [P, frames, K] of each prompt's prefix (up to its target audio), batched."""
     eng = Engine(params, cfg, len(prompts))
-    heads = [(t[:first], m[:first]) if rest else (t, m) for t, m, *rest in prompts
-             for first in [rest[0] if rest else len(t)]]
+    heads = [(t[:rest[0]], m[:rest[0]]) if rest else (t, m) for t, m, *rest in prompts]
     state = eng.prefill(eng.init_state(), list(range(len(heads))), heads, list(range(len(heads))),
                         [1.0] * len(heads), [1] * len(heads))
     out = []

@@ -82,6 +82,7 @@ class ServingFrame:
                                      **placed)
         self._decode_step = lambda p, codes, s: module.apply({"params": p}, codes, s, method=Mimi.decode_step)
         self._frame = jax.jit(self._frame_impl, static_argnums=4, donate_argnums=(2, 3))
+        self._fresh_decoder = self._decoder_init(self.codec_params)  # restarted rows copy from it (never donated)
         self.decoder_state: Any = self._decoder_init(self.codec_params)
 
     # compiled bodies -----------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class ServingFrame:
                                          pick(top_k), pick(limit))
         fresh = np.zeros((self.batch_size,), bool)
         fresh[rows] = True
-        self.decoder_state = restart_rows(self._decoder_init(self.codec_params), self.decoder_state,
+        self.decoder_state = restart_rows(self._fresh_decoder, self.decoder_state,
                                            jnp.asarray(fresh))
         if self._decoder_sharding is not None:  # a no-op unless the eager merge picked another layout
             self.decoder_state = jax.device_put(self.decoder_state, self._decoder_sharding)
