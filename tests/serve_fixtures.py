@@ -1,4 +1,4 @@
-"""A real server process on the default model, for the server, client and web-page tests, and a thin WebSocket
+"""A real server process on the tiny random model, for the server, client and web-page tests, and a thin WebSocket
 protocol driver (`Client`).
 
 `live_server` (session scoped) is shared; `start_server_process` starts a private one (e.g. to `kill -9` it).
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"websocket: (ws://\S+)")
 START_TIMEOUT_S = 600
 FRAME_BYTES = 1920 * 2
+RANDOM_MODEL = "model.random_seed=0"  # the tiny random model (csm_jax.default_model.random_generator(0))
 
 
 @dataclasses.dataclass
@@ -45,12 +46,14 @@ class LiveServer:
 
 
 def start_server_process(workdir: Path, cache_dir: Path, *overrides: str, db_path: Path | None = None) -> LiveServer:
-    """`python -m serve` on a free port with its database in `workdir`; returns once it is accepting."""
+    """`python -m serve` on a free port with its database in `workdir`; returns once it is accepting. It serves the
+    tiny random model (RANDOM_MODEL: these tests are about the server) unless `overrides` name a model."""
     db_path = db_path or workdir / "conversations.db"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as in production
+    model = [] if any(o.startswith(("model.random_seed=", "model.path=")) for o in overrides) else [RANDOM_MODEL]
     cmd = [sys.executable, "-m", "serve", "server.port=0", f"storage.path={db_path}",
            f"engine.compile_cache_dir={cache_dir}", "engine.warmup_rows=128", "engine.batch_size=4",
-           f"hydra.run.dir={workdir / 'hydra'}", *overrides]
+           f"hydra.run.dir={workdir / 'hydra'}", *model, *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     found: list[str] = []

@@ -8,7 +8,7 @@ import pytest
 import csm_jax
 from csm_jax import Segment
 from csm_jax.conversation import ContextFull, ConversationManager, Prompt, SQLiteStore, UnknownConversation
-from csm_jax.default_model import byte_tokenizer, default_csm_config
+from csm_jax.default_model import byte_tokenizer, tiny_csm_config
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def gen():
     """The default model's Generator (its config and byte-level tokenizer) without its random weights and codec:
     the manager only uses text_rows / code_rows / cfg, and initialising the weights takes 15-50 s on CPU."""
     tokenizer = byte_tokenizer()
-    return csm_jax.Generator(None, default_csm_config(tokenizer.get_vocab_size()), None, tokenizer)
+    return csm_jax.Generator(None, tiny_csm_config(tokenizer.get_vocab_size()), None, tokenizer)
 
 
 @pytest.fixture

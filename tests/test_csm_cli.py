@@ -55,7 +55,6 @@ def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkey
     ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
     monkeypatch.delenv("CSM_JAX_CSM", raising=False)
     cases = [
-        (["generate", "--text", "hi", "--out", str(tmp_path / "x.wav")], "CSM_JAX_CSM"),
         (["generate", "--checkpoint", str(tmp_path / "nope"), "--text", "hi", "--out", str(tmp_path / "x.wav")],
          "no such checkpoint"),
         (["generate", "--checkpoint", str(ckpt), "--text", "  ", "--out", str(tmp_path / "x.wav")], "non-empty"),

@@ -35,7 +35,7 @@ from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.export import export_transformers, transformers_config, transformers_tensors
 from csm_jax.csm.generator import load_csm
 from csm_jax.csm.weights import load_csm_params
-from csm_jax.default_model import default_mimi_config
+from csm_jax.default_model import tiny_mimi_config
 
 SHAPE = "rope"
 
@@ -197,7 +197,7 @@ def test_half_precision_export(src: Source, f32_dir: Path, tmp_path: Path, dtype
 
 
 def test_bundled_codec_round_trip(src: Source, tmp_path: Path) -> None:
-    codec = seeded_codec(default_mimi_config(), seed=1)
+    codec = seeded_codec(tiny_mimi_config(), seed=1)
     assert codec.config.num_quantizers >= src.cfg.num_codebooks
     prompt = json.dumps({"max_context_turns": 3})
     out = export_transformers(src.params, src.cfg, tmp_path / "bundle", codec=codec, tokenizer=src.tokenizer,
@@ -229,7 +229,7 @@ def test_refusals_write_nothing(src: Source, tmp_path: Path) -> None:
         ({"dtype": "fp16"}, ValueError, "unknown export dtype 'fp16'"),
         ({"extra_files": {"config.json": "{}"}}, ValueError, "extra_files names must be plain file names"),
         ({"extra_files": {"../x.txt": ""}}, ValueError, "extra_files names must be plain file names"),
-        ({"codec": seeded_codec(dataclasses.replace(default_mimi_config(), num_quantizers=4), seed=0)},
+        ({"codec": seeded_codec(dataclasses.replace(tiny_mimi_config(), num_quantizers=4), seed=0)},
          ValueError, "codec has 4 codebooks, CSM needs 8"),
     ]
     for kwargs, error, message in cases:

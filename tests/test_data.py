@@ -17,7 +17,7 @@ from csm_jax.codec.codec import MimiCodec
 from csm_jax.csm.prompt import PromptFormat, code_rows
 from csm_jax.data import (Dataset, DatasetError, Loader, ManifestError, PrepareError, bucket_frames,
                           make_espeak_corpus, prepare, read_manifest, split)
-from csm_jax.default_model import byte_tokenizer, default_mimi_config
+from csm_jax.default_model import byte_tokenizer, tiny_mimi_config
 
 prepare_mod = importlib.import_module("csm_jax.data.prepare")  # csm_jax.data.prepare is also the function
 K, VOCAB = 8, 2051
@@ -31,7 +31,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def codec():
-    return MimiCodec.random(default_mimi_config(), seed=1)
+    return MimiCodec.random(tiny_mimi_config(), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from serve_fixtures import Client, LiveServer, run, start_server_process
 from speech_data import TEXTS
 
 from csm_jax.conversation import ConversationManager, SQLiteStore
-from csm_jax.default_model import default_generator
+from csm_jax.default_model import random_generator
 from csm_jax.evaluation.intelligibility import word_error_rate
 
 DATA = Path(__file__).parent / "data"
@@ -50,7 +50,7 @@ def test_a_spoken_turn_is_transcribed_stored_and_prompts_the_reply(live_server: 
     store = SQLiteStore(str(live_server.db_path))
     try:
         turn = store.turns(cid)[0]
-        gen = default_generator(0)
+        gen = random_generator(0)
         manager = ConversationManager(store, gen.prompt_format(), gen.cfg.backbone.max_seq_len)
         fmt = gen.prompt_format()
         tokens, mask = fmt.turn_rows(fmt.text_ids(transcript, 1), turn.codes)

@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb runs top to bottom in a real Jupyter kernel and shows what its text says.
 
 The notebook is executed headlessly with nbclient in an ipykernel started from this interpreter, cwd = notebooks/,
-`CSM_JAX_CSM` unset (so it builds the untrained default model) and matplotlib's inline backend, which renders with
+`CSM_JAX_CSM` unset (so it loads the built-in default voice) and matplotlib's inline backend, which renders with
 Agg (no display needed) into image/png outputs. After the notebook's own cells, one extra cell, added in memory only,
 saves the notebook's arrays to an .npz. The tests then check the executed outputs (printed shapes, figures, the WAV
 data inside the audio players) and those arrays, cell by cell.
@@ -30,13 +30,14 @@ import pytest
 import soundfile as sf
 
 import csm_jax
+from csm_jax.csm.frontend import make_frontend
 from csm_jax.default_model import NAME as DEFAULT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 CLIP = ROOT / "tests" / "data" / "speech_3s.wav"
 TRANSCRIPT = "The quick brown fox jumps over the lazy dog."  # scripts/make_test_audio.py, MEDIUM
-FRAME, SR, K = 1920, 24_000, 8  # the default model: 8 codebooks; 80 ms frames at 24 kHz
+FRAME, SR, K = 1920, 24_000, 8  # the default voice: 8 codebooks; 80 ms frames at 24 kHz
 CELL_TIMEOUT_S = 300
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours in kernel tracebacks
 STREAM_ATOL = 1e-5  # streamed vs offline decoding (tests/test_codec_streaming.py)
@@ -174,7 +175,7 @@ def test_loads_the_default_model(executed: Executed) -> None:
     assert f"model: {DEFAULT_NAME}" in out, out
     assert f"CSM generates {K} codebooks; codec: {SR} Hz, {FRAME} samples per frame, {K} codebooks" in out, out
     assert int(executed.value("gen_num_codebooks")) == int(executed.value("codec_num_codebooks")) == K
-    assert int(executed.value("MAX_AUDIO_MS")) == 800
+    assert int(executed.value("MAX_AUDIO_MS")) == 5000
 
 
 def test_codec_roundtrip(executed: Executed) -> None:
@@ -183,7 +184,7 @@ def test_codec_roundtrip(executed: Executed) -> None:
     np.testing.assert_array_equal(clip, csm_jax.load_audio(CLIP))
     n, t = len(clip), math.ceil(len(clip) / FRAME)
     assert codes.dtype == np.int32 and codes.shape == (1, K, t)
-    assert 0 <= codes.min() and codes.max() < 2048
+    assert 0 <= codes.min() and codes.max() < 1024  # the voice codec: 1024-entry codebooks
     assert recon.dtype == np.float32 and recon.shape == (FRAME * t,) and np.isfinite(recon).all()
     assert f"clip: {n} samples ({n / SR:.2f} s) -> codes (1, {K}, {t}) -> {FRAME * t} samples" in text_of(cell)
     players = audio_players(cell)
@@ -193,10 +194,11 @@ def test_codec_roundtrip(executed: Executed) -> None:
 def test_generation_with_context(executed: Executed) -> None:
     cell = executed.cell("generate")
     reply, codes, redecoded = executed.value("reply"), executed.value("reply_codes"), executed.value("redecoded")
-    frames = int(executed.value("MAX_AUDIO_MS")) // 80
-    # The untrained default model never samples the all-zero end frame, so it runs to max_audio_ms.
+    frames = codes.shape[0]
+    # The default voice ends its turn itself (the all-zero end frame) well before max_audio_ms.
+    assert 3 <= frames < int(executed.value("MAX_AUDIO_MS")) // 80
     assert codes.dtype == np.int32 and codes.shape == (frames, K)
-    assert 0 <= codes.min() and codes.max() < 2048
+    assert 0 <= codes.min() and codes.max() < 1024  # the voice codec: 1024-entry codebooks
     assert reply.dtype == np.float32 and reply.shape == (FRAME * frames,) and np.isfinite(reply).all()
     assert np.abs(reply).max() > 0
     # generate() streamed exactly these codes: decoding them offline gives the same audio.
@@ -206,7 +208,8 @@ def test_generation_with_context(executed: Executed) -> None:
     # The prompt: context text rows, the clip's code rows + an end frame, then the reply's text rows.
     tokens, mask = executed.value("tokens"), executed.value("mask")
     t_clip = executed.value("clip_codes").shape[-1]
-    text_rows = lambda speaker, text: len(f"[{speaker}]{text}".encode()) + 2  # noqa: E731  (bytes + BOS/EOS)
+    phonemes = make_frontend("espeak:en-us")  # the voice reads eSpeak NG phonemes, one token per UTF-8 byte
+    text_rows = lambda speaker, text: len(f"[{speaker}]{phonemes(text)}".encode()) + 2  # noqa: E731  (+ BOS/EOS)
     s = text_rows(1, TRANSCRIPT) + t_clip + 1 + text_rows(0, str(executed.value("TEXT")))
     assert str(executed.value("TRANSCRIPT")) == TRANSCRIPT
     assert tokens.shape == mask.shape == (s, K + 1)
@@ -245,5 +248,6 @@ def test_code_grid_figure(executed: Executed) -> None:
     assert width > height > 100
     # The plotted grids are [K, T]: the clip's encoder codes and the reply's CSM codes.
     assert executed.value("clip_codes")[0].shape == (K, math.ceil(len(executed.value("clip")) / FRAME))
-    assert executed.value("reply_codes").T.shape == (K, int(executed.value("MAX_AUDIO_MS")) // 80)
+    reply_frames = len(executed.value("reply")) // FRAME
+    assert executed.value("reply_codes").T.shape == (K, reply_frames)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from serve_fixtures import FRAME_BYTES, ROOT, Client, run, start_server_process
+from serve_fixtures import FRAME_BYTES, RANDOM_MODEL, ROOT, Client, run, start_server_process
 
-from csm_jax.serving.config import MeshConfig, ServeConfig
+from csm_jax.serving.config import MeshConfig, ModelConfig, ServeConfig
 from csm_jax.serving.scheduler import Request, Result, Scheduler
 from csm_jax.serving.server import build_generator, serving_mesh
 
@@ -31,7 +31,7 @@ REQUESTS = [("Hello there.", 0, 11, 5), ("A somewhat longer sentence, to be said
 
 def serve(mesh_config: MeshConfig) -> tuple[list[tuple[np.ndarray, np.ndarray]], Scheduler]:
     """REQUESTS through the server's generator and scheduler on `mesh_config` -> [(codes [T, K], pcm int16 [T*1920])]."""
-    config = ServeConfig(mesh=mesh_config)
+    config = ServeConfig(model=ModelConfig(random_seed=0), mesh=mesh_config)
     generator, _ = build_generator(config, serving_mesh(config.mesh))
     scheduler = Scheduler(generator, batch_size=8)
     results: list[Result | None] = [None] * len(REQUESTS)
@@ -112,7 +112,7 @@ def test_a_mesh_that_does_not_fit_stops_the_server_with_one_line(tmp_path: Path,
                                                                  message: str) -> None:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, "-m", "serve", "server.port=0", f"storage.path={tmp_path / 'db'}",
-                           "engine.warmup_rows=0", f"hydra.run.dir={tmp_path}", *overrides], cwd=ROOT,
+                           "engine.warmup_rows=0", RANDOM_MODEL, f"hydra.run.dir={tmp_path}", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == message

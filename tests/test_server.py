@@ -27,7 +27,7 @@ from websockets.exceptions import InvalidStatus
 
 import csm_jax
 from csm_jax.conversation import SQLiteStore
-from csm_jax.default_model import byte_tokenizer, default_generator
+from csm_jax.default_model import byte_tokenizer, random_generator
 
 DATA = Path(__file__).parent / "data"
 
@@ -35,7 +35,7 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="module")
 def reference() -> csm_jax.Generator:
     """The server's default model, rebuilt in this process."""
-    return default_generator(0)
+    return random_generator(0)
 
 
 def text_rows(text: str, speaker: int) -> int:

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from csm_jax.default_model import default_generator
+from csm_jax.default_model import random_generator
 from csm_jax.serving.frame import ServingFrame, row_buckets
 from csm_jax.serving.scheduler import Request, Scheduler
 
@@ -20,7 +20,7 @@ TEXTS = ["Hello there.", "How are you today?", "Yes.", "It is a fine day for a w
 
 @pytest.fixture(scope="module")
 def gen():
-    return default_generator(0)
+    return random_generator(0)
 
 
 def _expected(gen, text: str, seed: int, max_frames: int, top_k: int = 50):

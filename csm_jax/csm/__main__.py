@@ -1,6 +1,6 @@
 """Command line for CSM.
 
-    python -m csm_jax.csm generate --checkpoint CKPT --text "Hello there." --out hello.wav [--speaker 0]
+    python -m csm_jax.csm generate [--checkpoint CKPT] --text "Hello there." --out hello.wav [--speaker 0]
         [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature 0.9] [--top-k 50]
         [--seed 0] [--num-codebooks 32]
     python -m csm_jax.csm convert SRC DST [--quantize int8]   # transformers / original checkpoint -> orbax dir
@@ -9,7 +9,7 @@
         (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them)
 
 CKPT and SRC are anything `csm_jax.load_csm` reads (hub ids such as sesame/csm-1b included); CKPT defaults to
-$CSM_JAX_CSM.
+$CSM_JAX_CSM, else the built-in default voice (`csm_jax.default_model`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.csm.quantize import MODES as QUANTIZE_MODES
 from csm_jax.csm.quantize import quantize_params
 from csm_jax.csm.weights import HUB_FILES, load_csm_params, save_converted
+from csm_jax.default_model import VOICE_DIR
 
 
 def _segment(spec: str) -> Segment:
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csm_jax.csm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text (+ context) -> wav")
-    g.add_argument("--checkpoint", help="CSM checkpoint, a path or hub id org/name[@revision] (default: $CSM_JAX_CSM)")
+    g.add_argument("--checkpoint", help="CSM checkpoint, a path or hub id org/name[@revision] (default: $CSM_JAX_CSM, else the "
+                        "built-in default voice)")
     g.add_argument("--text", required=True)
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--speaker", type=int, default=0)
@@ -92,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 gen.codec.save(out / "codec")
             print(f"wrote {out}")
             return 0
-        ckpt = args.checkpoint or os.environ.get("CSM_JAX_CSM")
-        if not ckpt:
-            raise CheckpointError("no CSM checkpoint: pass --checkpoint or set CSM_JAX_CSM")
+        ckpt = args.checkpoint or os.environ.get("CSM_JAX_CSM") or VOICE_DIR
         if not args.out.absolute().parent.is_dir():
             raise ValueError(f"cannot write {args.out}: directory {args.out.absolute().parent} does not exist")
         context = [_segment(spec) for spec in args.context]

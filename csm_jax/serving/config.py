@@ -21,7 +21,7 @@ class ModelConfig:
     num_codebooks: int | None = None
     dtype: str | None = None
     quantize: str | None = None  # int8: weight-only int8 projections and heads (csm_jax.csm.quantize)
-    seed: int = 0
+    random_seed: int | None = None  # serve the tiny random model with this seed (csm_jax.default_model)
 
 
 @dataclasses.dataclass(frozen=True)

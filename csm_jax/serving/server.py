@@ -83,15 +83,18 @@ def check_mesh_fits(mesh: Mesh | None, generator: Generator, batch_size: int) ->
 
 
 def build_generator(config: ServeConfig, mesh: Mesh | None = None) -> tuple[Generator, str]:
-    """The served model (loaded, or the default one) on `mesh` -> (generator, model name); checks the mesh fits it."""
+    """The served model (a checkpoint, the built-in default voice, or the tiny random model) on `mesh` ->
+    (generator, model name); checks the mesh fits it."""
     from csm_jax.csm.generator import load_csm
     from csm_jax.csm.quantize import quantize_params
-    from csm_jax.default_model import NAME, default_generator
+    from csm_jax.default_model import NAME, RANDOM_NAME, VOICE_DIR, random_generator
 
     rules = config.mesh.resolved_rules()
     m = config.model
-    if m.path is None:
-        generator, name = default_generator(m.seed), NAME
+    if m.random_seed is not None:
+        if m.path is not None:
+            raise ValueError("model.path and model.random_seed exclude each other: pass one")
+        generator, name = random_generator(m.random_seed), RANDOM_NAME
         if m.num_codebooks is not None or m.quantize is not None or mesh is not None:
             params, cfg = generator.params, generator.cfg
             if m.quantize is not None:
@@ -99,9 +102,9 @@ def build_generator(config: ServeConfig, mesh: Mesh | None = None) -> tuple[Gene
             generator = Generator(params, cfg, generator.codec, generator.tokenizer, m.num_codebooks, mesh, rules,
                                   frontend=generator.prompt_format().frontend)
     else:
-        generator = load_csm(m.path, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype,
+        generator = load_csm(m.path or VOICE_DIR, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype,
                              quantize=m.quantize, backend=config.engine.backend, mesh=mesh, rules=rules)
-        name = Path(m.path).name
+        name = NAME if m.path is None else Path(m.path).name
     if generator.tokenizer is None or generator.codec is None:
         raise ValueError(f"{m.path}: the server needs a checkpoint with tokenizer.json and a codec "
                          "(pass model.codec=...)")

@@ -1,0 +1,98 @@
+"""The built-in default voice: shipped as package data, loaded by `default_generator`, and served by the main
+command (`python -m serve` with no model given) over the real WebSocket protocol.
+
+The served audio is scored as the voice evaluation scores it (`csm_jax.evaluation`): sentences of the corpus
+grammar that no training conversation says (`grammar.heldout`), recognised by pocketsphinx with a language model
+of the grammar's text, against eSpeak NG's own rendering of the same sentences through the same recogniser.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from serve_fixtures import Client, LiveServer, run, start_server_process
+
+from csm_jax.audio import load_audio
+from csm_jax.data.grammar import dialogue, heldout
+from csm_jax.data.synth import Voice, synthesise
+from csm_jax.default_model import NAME, VOICE_DIR, default_generator
+from csm_jax.evaluation.intelligibility import Intelligibility, word_error_rate
+
+SENTENCES = heldout(200)[:4]
+MAX_WEIGHTS_BYTES = 50 * 2**20
+
+
+@pytest.fixture(scope="module")
+def voice_server(tmp_path_factory: pytest.TempPathFactory, xla_cache: Path) -> Iterator[LiveServer]:
+    """The main job as a user starts it: no model named (the built-in voice)."""
+    server = start_server_process(tmp_path_factory.mktemp("voice-server"), xla_cache, "model.random_seed=null",
+                                  "engine.warmup_rows=64", "engine.batch_size=2", "transcriber.backend=none")
+    yield server
+    server.stop()
+
+
+def test_the_voice_ships_as_package_data_with_its_model_card() -> None:
+    files = {p.name for p in VOICE_DIR.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "prompt.json", "MODEL_CARD.md"} <= files
+    assert sum(p.stat().st_size for p in VOICE_DIR.iterdir()) <= MAX_WEIGHTS_BYTES
+    card = (VOICE_DIR / "MODEL_CARD.md").read_text()
+    for command in ("train/make_corpus.py", "train/train_codec.py", "train/prepare.py", "train/train.py",
+                    "train/evaluate_voice.py"):
+        assert command in card, command
+
+    gen = default_generator()
+    csm_params = sum(x.size for x in jax.tree.leaves(gen.params))
+    codec_params = sum(x.size for x in jax.tree.leaves(gen.codec.params))
+    assert csm_params <= 40e6 and codec_params <= 10e6, (csm_params, codec_params)
+    assert gen.prompt_format().frontend.name == "espeak:en-us"
+    assert gen.num_codebooks == gen.codec.num_codebooks == 8
+
+
+def test_the_main_command_speaks_with_the_default_voice(voice_server: LiveServer, tmp_path: Path) -> None:
+    health = json.loads(urllib.request.urlopen(voice_server.http_url + "health").read())
+    assert health["model"] == NAME
+
+    async def go() -> list[tuple[dict, list[bytes]]]:
+        c = await Client.open(voice_server.ws_url)
+        await c.start()
+        out = []
+        for i, text in enumerate(SENTENCES):
+            _, done, frames = await c.say(text, speaker=0, seed=i, max_audio_ms=10_000)
+            out.append((done, frames))
+        await c.close()
+        return out
+
+    responses = run(go())
+    audio = [np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32768 for _, frames in responses]
+    refs = [load_audio(synthesise(Voice("espeak-ng", "en-us"), text, tmp_path / f"ref_{i}.wav"))
+            for i, text in enumerate(SENTENCES)]
+    rng, used = random.Random(0), set(SENTENCES)
+    corpus_text = [line for _ in range(300) for line in dialogue(rng, 3, used)]
+    asr = Intelligibility([*corpus_text, *SENTENCES])
+    wer = word_error_rate(SENTENCES, [asr.transcribe(a) for a in audio])
+    wer_ref = word_error_rate(SENTENCES, [asr.transcribe(r) for r in refs])
+    ratios = [len(a) / len(r) for a, r in zip(audio, refs)]
+    print(f"default voice through the server: WER {wer:.2f} (eSpeak NG {wer_ref:.2f}); durations x{ratios}")
+    # the model ends its own turns, at about the length eSpeak NG takes for the same sentence
+    assert all(done["stop_reason"] == "eos" for done, _ in responses), [d for d, _ in responses]
+    assert all(0.5 <= r <= 2.0 for r in ratios), ratios
+
+
+def test_the_cli_speaks_with_the_default_voice_when_no_checkpoint_is_given(tmp_path: Path, monkeypatch) -> None:
+    import soundfile as sf
+
+    from csm_jax.csm.__main__ import main
+
+    monkeypatch.delenv("CSM_JAX_CSM", raising=False)
+    out = tmp_path / "hello.wav"
+    assert main(["generate", "--text", SENTENCES[0], "--out", str(out), "--max-audio-ms", "8000"]) == 0
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == 24_000 and 0.3 < len(audio) / rate < 8.0  # spoken, and ended before the limit
+    assert np.abs(audio).max() > 0.01
