@@ -96,11 +96,12 @@ def datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
 
 
 def loader(cfg: dict[str, Any], dataset: Dataset, fmt: PromptFormat, training: bool) -> Loader:
-    """The `data.loader` Loader: shuffled for training; in dataset order, scoring only each example's last turn,
-    for held-out evaluation (so eval losses compare across `target_turns` settings)."""
+    """The `data.loader` Loader: shuffled for training; in dataset order, scoring only each example's last turn
+    of its full context, for held-out evaluation (so eval losses compare across `target_turns` and
+    `prompt_examples` settings)."""
     mc, opts = model_config(cfg), dict(cfg["data"]["loader"])
     unknown = set(opts) - {"batch_size", "max_rows", "context_turns", "seed", "buckets", "group_batches",
-                           "target_turns"}
+                           "target_turns", "prompt_examples"}
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted('data.loader.' + k for k in unknown)}")
     if opts["max_rows"] > mc.backbone.max_seq_len:
@@ -108,7 +109,7 @@ def loader(cfg: dict[str, Any], dataset: Dataset, fmt: PromptFormat, training: b
                          f"({mc.backbone.max_seq_len})")
     opts.pop("context_turns")  # part of the prompt format
     if not training:
-        opts["target_turns"] = "last"
+        opts["target_turns"], opts["prompt_examples"] = "last", False
     return Loader(dataset, fmt, shuffle=training, drop_last=False, **opts)
 
 

@@ -527,3 +527,32 @@ def test_speakers_as_conversation_roles(corpus, codec, fmt, tmp_path):
         assert e.speaker == next(u.speaker for u in roles if (u.conversation, u.turn) == (e.conversation, e.turn))
     with pytest.raises(PrepareError, match="speakers"):
         _prep(corpus, tmp_path / "bad", codec, fmt, speakers="voices")
+
+
+def test_prompt_examples_add_each_turn_after_only_its_speakers_previous_turn(dataset, fmt):
+    """prompt_examples: every regular example stays; each utterance with an earlier turn of its own speaker gains
+    an example whose one context turn is that turn (the rows: that turn's rows, then the target's)."""
+    pf = PromptFormat(fmt.tokenizer, K, VOCAB, None, 3)
+    base = Loader(dataset, pf, batch_size=3, max_rows=400, seed=5)
+    extra = Loader(dataset, pf, batch_size=3, max_rows=400, seed=5, prompt_examples=True)
+    regular = {(ex.target, ex.context): k for k, ex in enumerate(base.examples)}
+    assert set(regular) <= {(ex.target, ex.context) for ex in extra.examples}
+    added = [k for k, ex in enumerate(extra.examples) if (ex.target, ex.context) not in regular]
+    assert added
+    own = {target: base.example_rows(k) for (target, _), k in regular.items()}  # one regular example each
+    for k in added:
+        ex = extra.examples[k]
+        (c,) = ex.context
+        t, prev = dataset.entries[ex.target], dataset.entries[c]
+        assert prev.conversation == t.conversation and prev.speaker == t.speaker and prev.turn < t.turn
+        assert not any(e.conversation == t.conversation and e.speaker == t.speaker and prev.turn < e.turn < t.turn
+                       for e in dataset.entries)
+        tokens, mask, _ = extra.example_rows(k)
+        rows_t, rows_c = base._turn_rows(ex.target), base._turn_rows(c)
+        assert len(tokens) == rows_t + rows_c
+        np.testing.assert_array_equal(tokens[:rows_c], own[c][0][-rows_c:])  # the turn as it is anywhere else
+        np.testing.assert_array_equal(tokens[rows_c:], own[ex.target][0][-rows_t:])
+        np.testing.assert_array_equal(mask[rows_c:], own[ex.target][1][-rows_t:])
+    assert extra.state()["fingerprint"] != base.state()["fingerprint"]
+    with pytest.raises(ValueError, match="prompt_examples"):
+        Loader(dataset, pf, batch_size=3, max_rows=400, prompt_examples="yes")

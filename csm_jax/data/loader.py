@@ -12,7 +12,10 @@ numbers below its own), in the model's `PromptFormat` (`csm_jax.csm.prompt`, whi
 `ConversationManager.build_prompt` uses too): each context turn is its text rows then its audio rows (codes plus
 an all-zero end frame), oldest first, then the target's text rows and audio rows. Context is chosen by
 `PromptFormat.select_context` (at most `fmt.max_context_turns` turns) within `max_rows` minus the target's rows. An utterance whose own rows (text + frames + 1) exceed `max_rows` is skipped (one warning at construction
-names how many; `loader.skipped` lists their ids); it is then never context either.
+names how many; `loader.skipped` lists their ids); it is then never context either. With `prompt_examples`, each
+utterance is also the target of a second example whose only context is its own speaker's most recent earlier turn:
+the one-segment voice prompt a server conversation starts with (a conversation's turns alternate between
+speakers, so without these a model never sees its speaker's turn directly before its own).
 
 Batches (numpy): `tokens` int32 [B, S, K+1] (codebooks 0..K-1, text in column K), `mask` bool [B, S, K+1],
 `targets` bool [B, S] (the rows whose codes the model predicts: the target turn's audio rows including its end
@@ -234,14 +237,18 @@ class Loader:
         group_batches: the length-sorting window, in batches.
         target_turns: "last" (only the target turn's audio is predicted) or "all" (every turn's audio: about
             context_turns + 1 times the training signal for the same compute).
+        prompt_examples: also an example per utterance with only its speaker's previous turn as context.
         state: a `state()` to continue from.
     """
 
     def __init__(self, dataset: Dataset, fmt: PromptFormat, batch_size: int, max_rows: int = 2048,
                  buckets: Iterable[int] | None = None, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 group_batches: int = 16, target_turns: str = "last", state: dict[str, Any] | None = None):
+                 group_batches: int = 16, target_turns: str = "last", prompt_examples: bool = False,
+                 state: dict[str, Any] | None = None):
         if target_turns not in ("last", "all"):
             raise ValueError(f"target_turns must be 'last' or 'all', got {target_turns!r}")
+        if not isinstance(prompt_examples, bool):
+            raise ValueError(f"prompt_examples must be true or false, got {prompt_examples!r}")
         num_codebooks, audio_vocab_size = fmt.num_codebooks, fmt.audio_vocab_size
         for name, value, low in (("batch_size", batch_size, 1), ("max_rows", max_rows, 1),
                                  ("group_batches", group_batches, 1), ("seed", seed, 0)):
@@ -257,7 +264,7 @@ class Loader:
         self.num_codebooks, self.audio_vocab_size = num_codebooks, audio_vocab_size
         self.batch_size, self.max_rows, self.context_turns = batch_size, max_rows, fmt.max_context_turns
         self.seed, self.shuffle, self.drop_last, self.group_batches = seed, shuffle, drop_last, group_batches
-        self.target_turns = target_turns
+        self.target_turns, self.prompt_examples = target_turns, prompt_examples
 
         if dataset.meta["fingerprint"].get("format_sha256") == fmt.fingerprint():
             self._text_ids = [dataset.text_ids(i) for i in range(len(dataset))]
@@ -299,6 +306,10 @@ class Loader:
             kept = self.format.select_context([self._turn_rows(m) for m in earlier], self.max_rows - own)
             context = tuple(earlier[len(earlier) - kept:])
             examples.append(Example(i, context, own + sum(self._turn_rows(m) for m in context)))
+            same = [m for m in earlier if self.dataset.entries[m].speaker == e.speaker]
+            if self.prompt_examples and same and context != (same[-1],) and \
+                    own + self._turn_rows(same[-1]) <= self.max_rows:
+                examples.append(Example(i, (same[-1],), own + self._turn_rows(same[-1])))
         return examples, skipped
 
     def _make_fingerprint(self) -> str:
