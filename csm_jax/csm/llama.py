@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from csm_jax import backend
 from csm_jax.csm.config import LlamaConfig
+from csm_jax.kernels import int8_gemv
 from csm_jax.rope import apply_rope, inv_frequencies
 
 Cache = dict[str, jax.Array]
@@ -31,15 +32,21 @@ def linear(x: jax.Array, kernel: jax.Array, decode: bool = False, scale: jax.Arr
     accumulated in float32 at least. The kernel is used in x's dtype: stored in it (no-op), cast from float32, or
     int8 with `scale` [*out] (per output channel: x @ (q * s).T == (x @ q.T) * s, the scale applied to the
     float32 accumulator).
-    `decode`: a generation step, whose few rows may take the multiply-reduce form when the backend policy says so
+    `decode`: a generation step, whose few rows may take the multiply-reduce form or, with an int8 kernel and
+    float32 x, the native kernel (`csm_jax.kernels.int8_gemv`) when the backend policy says so
     (`csm_jax.backend`); otherwise (training, full forward passes) always a dot, so results do not depend on how
     many rows a batch has."""
     lead, n_in, out = x.shape[:-1], x.shape[-1], kernel.shape[:-1]
     rows = math.prod(lead)
     acc = jnp.promote_types(x.dtype, jnp.float32)
     x2 = x.reshape(rows, n_in)
-    kernel = kernel.reshape(-1, n_in).astype(x.dtype)  # 2-D [out, in]: XLA:CPU is 2-3x slower on [*out, in]
+    kernel = kernel.reshape(-1, n_in)  # 2-D [out, in]: XLA:CPU is 2-3x slower on [*out, in]
     policy = backend.current()
+    if decode and scale is not None and policy.int8_kernel == "native" and rows <= int8_gemv.MAX_ROWS \
+            and x.dtype == jnp.float32 and kernel.dtype == jnp.int8 and int8_gemv.available():
+        y = int8_gemv.int8_matmul(x2, kernel, scale.reshape(-1))  # the native kernel (`csm_jax.backend`)
+        return y.astype(x.dtype if out_dtype is None else out_dtype).reshape(*lead, *out)
+    kernel = kernel.astype(x.dtype)
     if decode and policy.small_row_products and 1 < rows <= policy.small_rows:
         y = jnp.sum(kernel.astype(acc)[None] * x2.astype(acc)[:, None, :], axis=-1)
     elif decode and policy.small_row_products and rows == 1 and scale is not None:
