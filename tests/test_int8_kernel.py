@@ -59,6 +59,14 @@ def test_matches_reference(portable: bool, rows: int, n_in: int) -> None:
     assert _rel_err(y, x, q, scale) < (1e-6 if portable else TOL)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_output_chunks_shared_with_the_thread_pool(rows: int) -> None:
+    # 4096 inputs: 64-channel chunks (256 KiB of weights); 333 channels: 6 chunks, the last one odd-sized
+    x, q, scale = _case(rows, 4096, n_out=333, seed=rows)
+    y = jax.jit(lambda *a: int8_gemv.int8_matmul(*a, target=_default()))(x, q, scale)
+    assert _rel_err(y, x, q, scale) < TOL
+
+
 def test_leading_dims_and_vmap() -> None:
     target = _default()
     x, q, scale = _case(6, 96)

@@ -169,6 +169,8 @@ class Attention(nn.Module):
             scores = jnp.einsum("xrtd,xds->xrts", qg, keys.astype(dt), preferred_element_type=jnp.float32)
             scores = jnp.where(allowed[:, None], scores * hd**-0.5, _NEG)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            if cache is None:  # training: the alignment loss reads these (a no-op unless "intermediates" is mutable)
+                self.sow("intermediates", "probs", probs)
             out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt), preferred_element_type=jnp.float32)
         out = out.astype(dt).reshape(b, hkv, t, r, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)

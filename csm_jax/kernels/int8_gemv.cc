@@ -2,14 +2,20 @@
 //
 //   y[rows, out] f32 = (x[rows, in] f32 @ q[out, in] s8 .T) * scale[out] f32
 //
-// Fast path (AVX512-VNNI + AVX512BW/VL, single thread): each row of x is quantised to int16 (symmetric, scale
-// max|x| / 32767), products of int16 x and sign-extended int8 q are summed by vpdpwssd into int32 partials, which
-// are flushed to float32 every kBlock inputs (no int32 overflow). q is streamed once per kMaxRows rows of x.
+// Fast path (AVX512-VNNI + AVX512BW/VL): each row of x is quantised to int16 (symmetric, scale max|x| / 32767),
+// products of int16 x and sign-extended int8 q are summed by vpdpwssd into int32 partials, which are flushed to
+// float32 every kBlock inputs (no int32 overflow). q is streamed once per kMaxRows rows of x. The output channels
+// are cut into chunks that XLA's intra-op thread pool and the calling thread take from a shared counter (one
+// core alone does not reach the memory bandwidth); a chunk no pool thread has taken yet is run by the caller, so
+// the call never waits on a busy pool.
 // Error: ~5e-4..1e-3 of the output's std (the int16 rounding of x). A row of x holding inf or NaN gives a NaN
 // row. Elsewhere (or with -DCSM_INT8_PORTABLE): a plain loop, exact up to float rounding, for tests.
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -86,7 +92,16 @@ using RowsFn = void (*)(const int16_t*, int64_t, const float*, const int8_t*, in
                         float*, int64_t);
 constexpr RowsFn kRows[kMaxRows] = {Rows<1>, Rows<2>, Rows<3>, Rows<4>};
 
-void Gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t rows, int64_t k, int64_t n) {
+constexpr int64_t kChunkBytes = 256 << 10;  // weights per chunk of output channels (~10-20 us of streaming)
+
+// Chunks [0, count) of a call, taken by the caller and pool threads from `next`; `done` counts finished ones.
+struct Work {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+};
+
+void Gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t rows, int64_t k, int64_t n,
+          ffi::ThreadPool* pool) {
   const int64_t kp = (k + kStep - 1) / kStep * kStep;
   thread_local std::vector<int16_t> xq;
   xq.assign(static_cast<size_t>(rows * kp), 0);
@@ -107,16 +122,35 @@ void Gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t
     int16_t* dst = xq.data() + r * kp;
     for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<int16_t>(std::nearbyint(xr[i] * inv));
   }
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const int64_t rr = rows - r0 < kMaxRows ? rows - r0 : kMaxRows;
-    kRows[rr - 1](xq.data() + r0 * kp, kp, xs.data() + r0, q, k, scale, n, y + r0 * n, n);
-  }
+  // chunk c covers channels [c * per, min(n, (c + 1) * per)), per even (Rows pairs channels)
+  const int64_t per = std::max<int64_t>(2, (kChunkBytes / std::max<int64_t>(k, 1)) / 2 * 2);
+  auto work = std::make_shared<Work>();
+  work->count = (n + per - 1) / per;
+  const int16_t* xqd = xq.data();
+  const float* xsd = xs.data();
+  // run chunks until none is left; the buffers are touched only by a chunk taken before the caller returns
+  auto drain = [=, w = work.get()] {
+    for (int64_t c; (c = w->next.fetch_add(1, std::memory_order_relaxed)) < w->count;) {
+      const int64_t o0 = c * per, o1 = std::min(n, o0 + per);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+        const int64_t rr = rows - r0 < kMaxRows ? rows - r0 : kMaxRows;
+        kRows[rr - 1](xqd + r0 * kp, kp, xsd + r0, q + o0 * k, k, scale + o0, o1 - o0, y + r0 * n + o0, n);
+      }
+      w->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = pool == nullptr ? 0 : std::min<int64_t>(pool->num_threads(), work->count) - 1;
+  for (int64_t t = 0; t < helpers; ++t)
+    pool->Schedule([work, drain] { drain(); });  // `work` keeps the counters alive for late tasks
+  drain();
+  while (work->done.load(std::memory_order_acquire) < work->count) _mm_pause();
   for (int64_t r = 0; r < rows; ++r)
     if (!finite[r])
       for (int64_t o = 0; o < n; ++o) y[r * n + o] = std::numeric_limits<float>::quiet_NaN();
 }
 #else
-void Gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t rows, int64_t k, int64_t n) {
+void Gemv(const float* x, const int8_t* q, const float* scale, float* y, int64_t rows, int64_t k, int64_t n,
+          ffi::ThreadPool*) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t o = 0; o < n; ++o) {
       double acc = 0.0;
@@ -130,12 +164,13 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 using Int8Matrix = ffi::Buffer<ffi::S8, 2>;
 using Vector = ffi::Buffer<ffi::F32, 1>;
 
-ffi::Error Int8GemvImpl(Matrix x, Int8Matrix q, Vector scale, ffi::ResultBuffer<ffi::F32, 2> y) {
+ffi::Error Int8GemvImpl(ffi::ThreadPool pool, Matrix x, Int8Matrix q, Vector scale,
+                        ffi::ResultBuffer<ffi::F32, 2> y) {
   const int64_t rows = x.dimensions()[0], k = x.dimensions()[1], n = q.dimensions()[0];
   if (q.dimensions()[1] != k || scale.dimensions()[0] != n || y->dimensions()[0] != rows ||
       y->dimensions()[1] != n)
     return ffi::Error::InvalidArgument("int8_gemv: expected x [rows, in], q [out, in], scale [out], y [rows, out]");
-  Gemv(x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), rows, k, n);
+  Gemv(x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), rows, k, n, &pool);
   return ffi::Error::Success();
 }
 
@@ -143,6 +178,7 @@ ffi::Error Int8GemvImpl(Matrix x, Int8Matrix q, Vector scale, ffi::ResultBuffer<
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CsmInt8Gemv, Int8GemvImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Matrix>()
                                   .Arg<Int8Matrix>()
                                   .Arg<Vector>()

@@ -11,6 +11,14 @@ M = min(ceil(depth_fraction * B * S), depth_max_frames); slots are drawn without
 target frames (Gumbel top-k) and slots beyond the number of eligible frames are masked. Note the fraction is of
 all B * S rows, so when targets are a part of each sequence, a larger share of them is sampled.
 
+Alignment guidance (optional, `align_weight` > 0): a decoder-only TTS must learn to read its text monotonically,
+and a small model learns it slowly (it reads the first words, then loses its place). As guided attention does for
+attention TTS (Tachibana et al., 2017, "DC-TTS"), a penalty pulls `align_heads` query heads of backbone layer
+`align_layer` onto a diagonal band over the turn's own text: for the row that predicts audio frame t of a turn with
+T audio rows and n text rows, penalty = 1 - sum_j p(j) exp(-(t'/T - j'/n)^2 / (2 sigma^2)) over the turn's text rows
+j (t', j': offsets within the turn, +0.5), so attention anywhere else costs 1. Training only: inference is the
+unchanged CSM.
+
 Losses are kept as sums and counts (`LossStats`) so that micro-batches and eval batches add up exactly;
 `finalize` turns them into means.
 """
@@ -37,13 +45,19 @@ class LossConfig:
     """depth_fraction: share of the B * S rows given a depth-decoder slot (1.0: every target frame);
     depth_max_frames: optional cap on the slots per (micro-)batch; depth_selection: "batch" draws the slots among
     all target frames of the batch, "row" draws ceil(depth_fraction * S) slots in each sequence (keeps the frame
-    gather local to a batch shard); c0_weight / depth_weight: weights of the two mean losses."""
+    gather local to a batch shard); c0_weight / depth_weight: weights of the two mean losses; align_weight: weight
+    of the alignment guidance (0: off) on the first `align_heads` query heads of backbone layer `align_layer`,
+    band width `align_sigma` (a fraction of the turn)."""
 
     depth_fraction: float = 1 / 16
     depth_max_frames: int | None = None
     depth_selection: str = "batch"
     c0_weight: float = 1.0
     depth_weight: float = 1.0
+    align_weight: float = 0.0
+    align_layer: int = 2
+    align_heads: int = 1
+    align_sigma: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.depth_fraction <= 1.0:
@@ -52,6 +66,8 @@ class LossConfig:
             raise ValueError(f"depth_max_frames must be >= 1, got {self.depth_max_frames}")
         if self.depth_selection not in ("batch", "row"):
             raise ValueError(f"depth_selection must be 'batch' or 'row', got {self.depth_selection!r}")
+        if self.align_weight < 0 or self.align_sigma <= 0 or self.align_layer < 0 or self.align_heads < 1:
+            raise ValueError("align_weight must be >= 0, align_sigma > 0, align_layer >= 0 and align_heads >= 1")
 
 
 def eligible_frames(batch: dict[str, Any]) -> jax.Array:
@@ -93,15 +109,74 @@ def select_depth_frames(
     return bi.reshape(-1).astype(jnp.int32), ti.reshape(-1).astype(jnp.int32), valid.reshape(-1)
 
 
+def turn_layout(mask: jax.Array, num_codebooks: int) -> dict[str, jax.Array]:
+    """Where each row's turn is, from the row masks (bool [B, S, K+1]; a turn is its text rows, then its audio
+    rows) -> int32 [B, S] each: `turn` (1, 2, ... from each turn's first text row; 0 before the first turn),
+    `text_start` / `audio_start` (first text / audio row of the row's turn; audio_start is valid on audio rows),
+    `text_rows` / `audio_rows` (the turn's counts); and bool [B, S] `text`, `audio`."""
+    b, s = mask.shape[:2]
+    text = mask[..., num_codebooks]
+    audio = jnp.any(mask[..., :num_codebooks], axis=-1) & ~text
+    prev_text = jnp.pad(text[:, :-1], ((0, 0), (1, 0)))
+    rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    turn = jnp.cumsum(text & ~prev_text, axis=1, dtype=jnp.int32)
+    text_start = jax.lax.cummax(jnp.where(text & ~prev_text, rows, 0), axis=1)
+    audio_start = jax.lax.cummax(jnp.where(audio & prev_text, rows, 0), axis=1)
+
+    def per_turn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(x.astype(jnp.int32), t, num_segments=s + 1)[t]
+
+    return {"turn": turn, "text_start": text_start, "audio_start": audio_start, "text": text, "audio": audio,
+            "text_rows": jax.vmap(per_turn)(text, turn), "audio_rows": jax.vmap(per_turn)(audio, turn)}
+
+
+def alignment_penalty(probs: jax.Array, mask: jax.Array, num_codebooks: int, sigma: float) -> jax.Array:
+    """probs float [B, H, S, S] (attention of query row over key rows), mask bool [B, S, K+1] -> float32 [B, S-1]:
+    for the row t-1 that predicts frame t, 1 - the mean over heads of the attention mass on the diagonal band of
+    t's turn's text (module docstring). Rows that predict no audio frame get values too; callers weight them out."""
+    lay = turn_layout(mask, num_codebooks)
+    f = {name: x[:, 1:] for name, x in lay.items()}  # the predicted frame's turn, for query rows 0..S-2
+    s = mask.shape[1]
+    frame = jnp.arange(1, s, dtype=jnp.float32)[None]
+    t_pos = (frame - f["audio_start"] + 0.5) / jnp.maximum(f["audio_rows"], 1)  # [B, S-1]
+    keys = jnp.arange(s, dtype=jnp.float32)[None, None]  # [1, 1, S]
+    j_pos = (keys - f["text_start"][..., None] + 0.5) / jnp.maximum(f["text_rows"], 1)[..., None]  # [B, S-1, S]
+    own = lay["text"][:, None, :] & (lay["turn"][:, None, :] == f["turn"][..., None])
+    band = jnp.where(own, jnp.exp(-jnp.square(t_pos[..., None] - j_pos) / (2 * sigma**2)), 0.0)
+    mass = jnp.einsum("bhqk,bqk->bq", probs[:, :, :-1].astype(jnp.float32), band) / probs.shape[1]
+    return 1.0 - mass
+
+
+def _backbone_attention(intermediates: Any, layer: int, num_heads: int, num_kv_heads: int, heads: int) -> jax.Array:
+    """The sown attention of backbone layer `layer` ([B * Hkv, R, S, S]) -> its first `heads` query heads
+    [B, heads, S, S] (query head g * R + i is KV group g's i-th)."""
+    probs = intermediates["backbone"][f"layers_{layer}"]["self_attn"]["probs"][0]
+    _, _, q, k = probs.shape
+    return probs.reshape(-1, num_heads, q, k)[:, :heads]
+
+
 def loss_stats(
-    params: Any, batch: dict[str, Any], selection: tuple[jax.Array, jax.Array, jax.Array], model_cfg: CsmConfig
+    params: Any, batch: dict[str, Any], selection: tuple[jax.Array, jax.Array, jax.Array], model_cfg: CsmConfig,
+    cfg: LossConfig = LossConfig(),
 ) -> LossStats:
-    """Summed cross-entropies and counts of one (micro-)batch, depth decoder on the `selection` slots."""
+    """Summed cross-entropies and counts of one (micro-)batch, depth decoder on the `selection` slots; with
+    `cfg.align_weight` > 0 also the summed alignment penalty of the codebook-0 frames (`align_sum`)."""
     model = Csm(model_cfg)
     k = model_cfg.num_codebooks
     tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
     codes = jnp.where(mask[..., :k], tokens[..., :k], 0)
-    logits, hidden = model.apply({"params": params}, tokens, mask, method=Csm.backbone_forward)
+    align = cfg.align_weight > 0
+    if align:
+        bb = model_cfg.backbone
+        if cfg.align_layer >= bb.num_layers or cfg.align_heads > bb.num_heads:
+            raise ValueError(f"align_layer {cfg.align_layer} / align_heads {cfg.align_heads} outside the backbone "
+                             f"({bb.num_layers} layers, {bb.num_heads} heads)")
+        (logits, hidden), inter = model.apply({"params": params}, tokens, mask, method=Csm.backbone_forward,
+                                              mutable=["intermediates"])
+        probs = _backbone_attention(inter["intermediates"], cfg.align_layer, bb.num_heads, bb.num_kv_heads,
+                                    cfg.align_heads)
+    else:
+        logits, hidden = model.apply({"params": params}, tokens, mask, method=Csm.backbone_forward)
 
     # codebook 0: hidden row t-1 -> code[t, 0]
     w0 = eligible_frames(batch)[:, 1:].astype(jnp.float32)
@@ -117,7 +192,7 @@ def loss_stats(
     wd = (valid[:, None] & mask[bi, ti, 1:k]).astype(jnp.float32)  # [M, K-1]
     depth_logits = model.apply({"params": params}, last, frame_codes, method=Csm.depth_forward)  # [M, K-1, V]
     ced = optax.softmax_cross_entropy_with_integer_labels(depth_logits, frame_codes[:, 1:])
-    return {
+    stats = {
         "c0_sum": jnp.sum(ce0 * w0),
         "c0_count": jnp.sum(w0),
         "c0_correct": jnp.sum(correct * w0),
@@ -125,25 +200,32 @@ def loss_stats(
         "cb_count": jnp.sum(wd, axis=0),
         "depth_frames": jnp.sum(valid.astype(jnp.float32)),
     }
+    if align:
+        stats["align_sum"] = jnp.sum(alignment_penalty(probs, mask, k, cfg.align_sigma) * w0)
+    return stats
 
 
 def weighted_loss(stats: LossStats, cfg: LossConfig, c0_count: jax.Array, depth_count: jax.Array) -> jax.Array:
     """The training objective of `stats` normalised by the given totals (those of the whole batch, so that
     micro-batch gradients add up to the full-batch gradient)."""
-    return (cfg.c0_weight * stats["c0_sum"] / jnp.maximum(c0_count, 1.0)
+    loss = (cfg.c0_weight * stats["c0_sum"] / jnp.maximum(c0_count, 1.0)
             + cfg.depth_weight * jnp.sum(stats["cb_sum"]) / jnp.maximum(depth_count, 1.0))
+    if "align_sum" in stats:
+        loss = loss + cfg.align_weight * stats["align_sum"] / jnp.maximum(c0_count, 1.0)
+    return loss
 
 
 def finalize(stats: LossStats, cfg: LossConfig, xp: Any = jnp) -> dict[str, jax.Array]:
-    """Sums and counts -> loss (weighted c0 mean + depth mean), c0_loss, depth_loss, c0_accuracy,
-    cb_loss [K] (codebook 0 then the depth codebooks), c0_frames, depth_frames, depth_tokens.
+    """Sums and counts -> loss (weighted c0 mean + depth mean, + the weighted alignment penalty when `stats`
+    has it), c0_loss, depth_loss, c0_accuracy, cb_loss [K] (codebook 0 then the depth codebooks), c0_frames,
+    depth_frames, depth_tokens, and align_loss (the mean penalty) when `stats` has it.
     `xp`: jax.numpy, or numpy for host-side (float64) statistics."""
     c0n = xp.maximum(stats["c0_count"], 1.0)
     dn = xp.sum(stats["cb_count"])
     c0_loss = stats["c0_sum"] / c0n
     depth_loss = xp.sum(stats["cb_sum"]) / xp.maximum(dn, 1.0)
     cb = stats["cb_sum"] / xp.maximum(stats["cb_count"], 1.0)
-    return {
+    out = {
         "loss": cfg.c0_weight * c0_loss + cfg.depth_weight * depth_loss,
         "c0_loss": c0_loss,
         "depth_loss": depth_loss,
@@ -153,6 +235,10 @@ def finalize(stats: LossStats, cfg: LossConfig, xp: Any = jnp) -> dict[str, jax.
         "depth_frames": stats["depth_frames"],
         "depth_tokens": dn,
     }
+    if "align_sum" in stats:
+        out["align_loss"] = stats["align_sum"] / c0n
+        out["loss"] = out["loss"] + cfg.align_weight * out["align_loss"]
+    return out
 
 
 def compute_loss(
@@ -160,7 +246,7 @@ def compute_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of one batch; `key` draws the depth-decoder frames."""
     selection = select_depth_frames(key, eligible_frames(batch), cfg)
-    metrics = finalize(loss_stats(params, batch, selection, model_cfg), cfg)
+    metrics = finalize(loss_stats(params, batch, selection, model_cfg, cfg), cfg)
     return metrics["loss"], metrics
 
 

@@ -87,7 +87,7 @@ def make_train_fn(
 
         def micro_loss(train_leaves: list[jax.Array], mb: dict[str, jax.Array],
                        sel: tuple[jax.Array, ...]) -> tuple[jax.Array, LossStats]:
-            stats = loss_stats(merge(all_leaves, train_leaves), mb, sel, model_cfg)
+            stats = loss_stats(merge(all_leaves, train_leaves), mb, sel, model_cfg, loss_cfg)
             return weighted_loss(stats, loss_cfg, c0_total, depth_total), stats
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -119,7 +119,7 @@ def make_eval_fn(model_cfg: CsmConfig, loss_cfg: LossConfig, key: jax.Array
 
     def evaluate(params: Any, batch: dict[str, jax.Array]) -> LossStats:
         selection = select_depth_frames(key, eligible_frames(batch), loss_cfg)
-        return loss_stats(params, batch, selection, model_cfg)
+        return loss_stats(params, batch, selection, model_cfg, loss_cfg)
 
     return evaluate
 
