@@ -16,8 +16,12 @@ case "$CSM_JAX_SET" in
 esac
 CSM_JAX_SHOWN="${VENV#"$ROOT"/}"  # .venv, or the full path of a venv outside the repository
 
-# True when the stamp of set $1 exists and is not older than pyproject.toml.
-csm_jax_fresh() { [ -f "$VENV/.csm-jax-$1" ] && ! [ "$ROOT/pyproject.toml" -nt "$VENV/.csm-jax-$1" ]; }
+# True when the stamp of set $1 exists, is not older than pyproject.toml and names this checkout (a venv shared by
+# several checkouts, CSM_JAX_VENV, must import csm_jax from the one being run).
+csm_jax_fresh() {
+  [ -f "$VENV/.csm-jax-$1" ] && ! [ "$ROOT/pyproject.toml" -nt "$VENV/.csm-jax-$1" ] \
+    && [ "$(cat "$VENV/.csm-jax-$1")" = "$ROOT" ]
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "csm-jax: creating $CSM_JAX_SHOWN" >&2
@@ -27,7 +31,11 @@ PY="$VENV/bin/python"
 
 # The test set contains the runtime set, so a fresh test stamp also satisfies `runtime`.
 if ! csm_jax_fresh "$CSM_JAX_SET" && ! { [ "$CSM_JAX_SET" = runtime ] && csm_jax_fresh test; }; then
-  CSM_JAX_WHY="first run only"; [ -f "$VENV/.csm-jax-$CSM_JAX_SET" ] && CSM_JAX_WHY="pyproject.toml changed"
+  CSM_JAX_WHY="first run only"
+  if [ -f "$VENV/.csm-jax-$CSM_JAX_SET" ]; then
+    CSM_JAX_WHY="pyproject.toml changed"
+    [ "$(cat "$VENV/.csm-jax-$CSM_JAX_SET")" = "$ROOT" ] || CSM_JAX_WHY="installed from another checkout"
+  fi
   echo "csm-jax: installing $CSM_JAX_SET dependencies into $CSM_JAX_SHOWN ($CSM_JAX_WHY)" >&2
   # -qq: pip prints errors only (-q would still print a warning per package for each index location that lacks it).
   # torch is pinned to the CPU build in the test extra, so it resolves on the same command line as transformers.
@@ -35,7 +43,7 @@ if ! csm_jax_fresh "$CSM_JAX_SET" && ! { [ "$CSM_JAX_SET" = runtime ] && csm_jax
     echo "csm-jax: installing $CSM_JAX_SET dependencies failed (pip's errors are above)" >&2
     exit 1
   fi
-  touch "$VENV/.csm-jax-$CSM_JAX_SET"
+  echo "$ROOT" > "$VENV/.csm-jax-$CSM_JAX_SET"
 fi
 unset CSM_JAX_SET CSM_JAX_TARGET CSM_JAX_SHOWN CSM_JAX_WHY
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
