@@ -232,8 +232,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """[B, T, D] inputs (embeddings) at `positions` -> final-normed hidden [B, T, D]. Layers run as a Python loop
-    (faster than scan for one-token steps on CPU)."""
+    """[B, T, D] inputs (embeddings) at `positions` -> final-normed hidden [B, T, D] in `dtype`. Layers run as a
+    Python loop (faster than scan for one-token steps on CPU). The residual stream is float32: in bfloat16 its sums
+    would round at every layer (the products and the KV cache take the compute dtype)."""
 
     cfg: LlamaConfig
     dtype: jnp.dtype
@@ -242,7 +243,7 @@ class Transformer(nn.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, caches: list[Cache] | None = None
     ) -> tuple[jax.Array, list[Cache] | None]:
-        x = x.astype(self.dtype)
+        x = x.astype(jnp.float32)  # the residual stream stays float32 whatever the compute dtype
         new_caches = []
         for i in range(self.cfg.num_layers):
             x, c = Block(self.cfg, self.dtype, name=f"layers_{i}")(x, positions, None if caches is None else caches[i])
