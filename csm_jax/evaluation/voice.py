@@ -13,6 +13,10 @@ Voice prompting: every sentence's prompt voice A is paired with another voice B 
 counts as prompted when `speaker_distance` puts it closer to A's prompt utterance than to an utterance of B (F0
 register and spread plus the long-term spectral envelope, scaled by the within-voice spread measured on the
 held-out utterances; see `csm_jax.evaluation.speaker`).
+
+Reading (`reading_pairs` > 0): `csm_jax.evaluation.reading.reading_profile` on held-out turns of one voice after
+that voice's earlier turn: how much worse the teacher-forced codebook-0 loss gets, through the turn, when the
+turn's text is swapped for another sentence (progress long before the WER moves).
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ from csm_jax.csm.generator import Segment
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
 from csm_jax.evaluation.intelligibility import Intelligibility, word_error_rate
+from csm_jax.evaluation.reading import reading_profile, same_voice_pairs
 from csm_jax.evaluation.speaker import feature_scale, speaker_distance, speaker_features
 
 
 @dataclass(frozen=True)
 class VoiceEvalConfig:
     """sentences: how many held-out sentences (the first ones of heldout.txt); reference: the eSpeak NG voice of
-    the yardstick rendering; sampling settings as the server's defaults."""
+    the yardstick rendering; sampling settings as the server's defaults; reading_pairs: held-out pairs of the
+    reading profile (0: none)."""
 
     sentences: int = 60
     max_audio_ms: int = 10_000
@@ -47,6 +53,7 @@ class VoiceEvalConfig:
     top_k: int = 50
     seed: int = 0
     reference: str = "en-us"
+    reading_pairs: int = 24
 
 
 def _by_voice(utterances: Sequence[Utterance]) -> dict[int, list[Utterance]]:
@@ -64,7 +71,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
 
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
-    "pairs", "sentences", "items": per-sentence records}."""
+    "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "items": per-sentence
+    records}."""
     voices = _by_voice(held_out)
     if len(voices) < 2:
         raise ValueError("voice evaluation needs held-out utterances of at least two voices (two each)")
@@ -113,6 +121,9 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
               "prompting_accuracy": float(np.mean([it["prompted"] for it in items])),
               "pairs": len(items), "sentences": len(sentences), "voices": len(ids), "config": asdict(cfg)}
     result["wer_gap"] = result["wer_generated"] - result["wer_reference"]
+    if cfg.reading_pairs > 0:
+        result["reading"] = reading_profile(gen, same_voice_pairs(held_out, cfg.reading_pairs),
+                                            [u.text for u in held_out], seed=cfg.seed)
     if out is not None:
         (out / "voice_eval.json").write_text(json.dumps(result | {"items": items}, indent=2, default=str))
     return result | {"items": items}

@@ -1,0 +1,94 @@
+"""Does a CSM read its text? Teacher-forced codebook-0 loss of real turns with their own text and with another
+sentence's text, through the turn.
+
+    profile = reading_profile(gen, pairs, other_texts)   # pairs: (voice prompt, target) utterances of one voice
+    profile["gap"]       # per part of the turn: NLL(other text) - NLL(own text), nats per frame
+
+While a small TTS model is far from intelligible its WER stays near 1.0 and says nothing about progress; this does.
+A model that ignores the text content (it may still use the text's length) has a gap of ~0 everywhere; one that
+reads only the start of a turn and then loses its place has a gap in the first part only; a model that reads has a
+gap all through. The rows are the conversation format's (`Generator.prompt_format()`): the prompt turn's text and
+audio, then the target's text and audio (its end frame included), codes from the model's own codec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from csm_jax.audio import load_audio
+from csm_jax.csm.model import Csm
+from csm_jax.csm.prompt import concat
+from csm_jax.data.manifest import Utterance
+
+
+def same_voice_pairs(utterances: Sequence[Utterance], limit: int | None = None) -> list[tuple[Utterance, Utterance]]:
+    """(prompt, target) pairs: in each conversation (sorted by name), the first turn whose voice (manifest
+    `speaker`) spoke earlier, with that voice's latest earlier turn as the prompt. At most `limit` pairs."""
+    by_conv: dict[str, list[Utterance]] = {}
+    for u in utterances:
+        by_conv.setdefault(u.conversation, []).append(u)
+    pairs = []
+    for name in sorted(by_conv):
+        turns = sorted(by_conv[name], key=lambda u: u.turn)
+        for i, target in enumerate(turns):
+            earlier = [u for u in turns[:i] if u.speaker == target.speaker]
+            if earlier:
+                pairs.append((earlier[-1], target))
+                break
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def _turn_nll(logits: np.ndarray, tokens: np.ndarray, frames: int) -> np.ndarray:
+    """c0 logits float [S, V] of a sequence whose last `frames` rows are the target's audio -> NLL float64
+    [frames - 1] of its audio frames (the end frame excluded), each predicted from the row before it."""
+    s = tokens.shape[0]
+    start = s - frames
+    lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits[start - 1: s - 2], jnp.float32), axis=-1), np.float64)
+    return -lp[np.arange(frames - 1), tokens[start: s - 1, 0]]
+
+
+def reading_profile(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], other_texts: Sequence[str],
+                    parts: int = 4, seed: int = 0) -> dict[str, Any]:
+    """gen: a `csm_jax.Generator` with its codec; pairs: (prompt, target) utterances of one voice (the prompt is
+    spoken as speaker 0, then the target as speaker 0); other_texts: sentences to swap in for the target's text (a
+    seeded draw per pair, never the target's own) -> {"nll_own", "nll_other", "gap": float lists [parts] (nats
+    per frame, the mean over pairs of each part's mean), "nll_own_mean", "nll_other_mean", "pairs"}."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    fmt = gen.prompt_format()
+    model = Csm(gen.cfg)
+    forward = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method=Csm.backbone_forward)[0])
+    rng = np.random.default_rng(seed)
+    own_parts, other_parts, own_all, other_all = [], [], [], []
+    for prompt, target in pairs:
+        candidates = [t for t in other_texts if t != target.text]
+        if not candidates:
+            raise ValueError("other_texts has no sentence other than the target's")
+        other = candidates[int(rng.integers(len(candidates)))]
+        context = [fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio))]
+        audio = gen.audio_rows(load_audio(target.audio))
+        frames = len(audio[0])
+        if frames < parts + 1:
+            continue  # too short to cut into parts
+        result = []
+        for text in (target.text, other):
+            tokens, mask = concat([*context, fmt.text_rows(text, 0), audio])
+            logits = np.asarray(forward(gen.params, jnp.asarray(tokens[None]), jnp.asarray(mask[None])))[0]
+            result.append(_turn_nll(logits, tokens, frames))
+        own_parts.append([p.mean() for p in np.array_split(result[0], parts)])
+        other_parts.append([p.mean() for p in np.array_split(result[1], parts)])
+        own_all.append(result[0].mean())
+        other_all.append(result[1].mean())
+    if not own_parts:
+        raise ValueError("no pair has a target long enough to cut into parts")
+    own, oth = np.mean(own_parts, axis=0), np.mean(other_parts, axis=0)
+    return {"nll_own": own.tolist(), "nll_other": oth.tolist(), "gap": (oth - own).tolist(),
+            "nll_own_mean": float(np.mean(own_all)), "nll_other_mean": float(np.mean(other_all)),
+            "pairs": len(own_parts)}
