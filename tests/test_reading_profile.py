@@ -3,8 +3,6 @@ teacher-forced per-part losses with the own and another text, checked against th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
