@@ -13,7 +13,7 @@ from csm_jax.data.grammar import heldout
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
 from csm_jax.default_model import random_generator
-from csm_jax.evaluation.reading import reading_profile, same_voice_pairs
+from csm_jax.evaluation.reading import code_source_wer, reading_profile, same_voice_pairs
 from csm_jax.training.loss import LossConfig, compute_loss
 
 TEXTS = heldout(8, seed=3)
@@ -72,3 +72,26 @@ def test_bad_arguments_are_clear_errors(turns):
         reading_profile(gen, pairs, TEXTS, parts=0)
     with pytest.raises(ValueError, match="long enough"):
         reading_profile(gen, pairs, TEXTS, parts=10_000)
+
+
+class _Oracle:
+    """A recogniser that hears a turn's text only in the codec's resynthesis of its own codes."""
+
+    def __init__(self, gen, pairs) -> None:
+        self.known = []
+        for _, target in pairs:
+            codes = gen.audio_rows(load_audio(target.audio))[0][:-1, : gen.cfg.num_codebooks]
+            self.known.append((np.asarray(gen.codec.decode(codes.T[None]))[0], target.text))
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        return next((text for ref, text in self.known if ref.shape == audio.shape and np.allclose(ref, audio)), "")
+
+
+def test_code_sources_resynthesise_the_true_codes_only_as_the_original(turns):
+    gen = random_generator(0)
+    pairs = same_voice_pairs(turns)
+    result = code_source_wer(gen, pairs, _Oracle(gen, pairs))
+    assert result["pairs"] == 2
+    assert result["wer"]["original"] == 0.0  # the true codes, decoded as they are
+    # the random model's codes differ from the true ones, so nothing else is heard
+    assert all(result["wer"][s] == 1.0 for s in ("c0_true+depth", "c0_model+acoustic_true", "c0_model+depth"))

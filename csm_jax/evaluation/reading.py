@@ -9,6 +9,9 @@ A model that ignores the text content (it may still use the text's length) has a
 reads only the start of a turn and then loses its place has a gap in the first part only; a model that reads has a
 gap all through. The rows are the conversation format's (`Generator.prompt_format()`): the prompt turn's text and
 audio, then the target's text and audio (its end frame included), codes from the model's own codec.
+
+    code_source_wer(gen, pairs, asr)["wer"]   # resynthesis WER with codebook 0 and codebooks 1..K-1 each true or
+                                              # the model's (teacher-forced): which half loses the words
 """
 
 from __future__ import annotations
@@ -92,3 +95,59 @@ def reading_profile(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], othe
     return {"nll_own": own.tolist(), "nll_other": oth.tolist(), "gap": (oth - own).tolist(),
             "nll_own_mean": float(np.mean(own_all)), "nll_other_mean": float(np.mean(other_all)),
             "pairs": len(own_parts)}
+
+
+SOURCES = ("original", "c0_true+depth", "c0_model+acoustic_true", "c0_model+depth")
+
+
+def _argmax(logits: jax.Array, limit: int) -> jax.Array:
+    """Greedy code among the codec's entries (the audio vocabulary may be larger than a codebook)."""
+    return jnp.argmax(logits[..., :limit], axis=-1).astype(jnp.int32)
+
+
+def _greedy_depth(gen: Any, forward_depth: Any, hidden: jax.Array, c0: jax.Array) -> np.ndarray:
+    """Backbone hidden float [T, D] (the rows before each frame), codebook 0 int [T] -> codes int [T, K]: the depth
+    decoder's greedy codebooks 1..K-1, each given the ones before it."""
+    k, limit = gen.cfg.num_codebooks, gen.codec.config.codebook_size
+    codes = jnp.zeros((c0.shape[0], k), jnp.int32).at[:, 0].set(c0)
+    for i in range(1, k):
+        codes = codes.at[:, i].set(_argmax(forward_depth(gen.params, hidden, codes)[:, i - 1], limit))
+    return np.asarray(codes)
+
+
+def code_source_wer(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], asr: Any) -> dict[str, Any]:
+    """Which half of the CSM loses the words? Each pair's target turn, teacher-forced after the prompt turn and its
+    own text, resynthesised by the model's codec from codes of four sources, and scored by `asr` (an
+    `Intelligibility`) against its text -> {"wer": {source: WER}, "pairs": n}. Sources: "original" (the codec's own
+    codes: the ceiling), "c0_true+depth" (true codebook 0, the depth decoder's greedy codebooks 1..K-1),
+    "c0_model+acoustic_true" (the backbone's argmax codebook 0, true codebooks 1..K-1), "c0_model+depth" (both
+    from the model, teacher-forced on the true history)."""
+    from csm_jax.evaluation.intelligibility import word_error_rate
+
+    fmt = gen.prompt_format()
+    model = Csm(gen.cfg)
+    k = gen.cfg.num_codebooks
+    backbone = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method=Csm.backbone_forward))
+    depth = jax.jit(lambda p, h, c: model.apply({"params": p}, h, c, method=Csm.depth_forward))
+    texts: list[str] = []
+    heard: dict[str, list[str]] = {s: [] for s in SOURCES}
+    for prompt, target in pairs:
+        audio = gen.audio_rows(load_audio(target.audio))
+        frames = len(audio[0]) - 1  # the end frame is not decoded
+        tokens, mask = concat([fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
+                               fmt.text_rows(target.text, 0), audio])
+        logits, hidden = backbone(gen.params, jnp.asarray(tokens[None]), jnp.asarray(mask[None]))
+        start = len(tokens) - frames - 1  # the target's first audio row
+        before = slice(start - 1, start - 1 + frames)  # the rows that predict its frames
+        true = tokens[start: start + frames, :k]
+        c0_model = _argmax(logits[0, before], gen.codec.config.codebook_size)
+        codes = {"original": true,
+                 "c0_true+depth": _greedy_depth(gen, depth, hidden[0, before], jnp.asarray(true[:, 0])),
+                 "c0_model+acoustic_true": np.concatenate([np.asarray(c0_model)[:, None], true[:, 1:]], axis=1),
+                 "c0_model+depth": _greedy_depth(gen, depth, hidden[0, before], c0_model)}
+        for source, c in codes.items():
+            heard[source].append(asr.transcribe(np.asarray(gen.codec.decode(np.asarray(c, np.int32).T[None]))[0]))
+        texts.append(target.text)
+    if not texts:
+        raise ValueError("no pairs to score")
+    return {"wer": {s: word_error_rate(texts, heard[s]) for s in SOURCES}, "pairs": len(texts)}
