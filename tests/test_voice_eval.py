@@ -52,7 +52,7 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Utterance],
 def test_voice_prompting_and_intelligibility_are_measured(follow: bool, held_out: Any, tmp_path: Path) -> None:
     utterances, voice_of = held_out
     gen = Speaker(voice_of, tmp_path, follow)
-    cfg = VoiceEvalConfig(sentences=len(SENTENCES), reading_pairs=0)  # stand-ins have no model to read with
+    cfg = VoiceEvalConfig(sentences=len(SENTENCES), reading_pairs=0, source_pairs=0)  # stand-ins: no model inside
     result = evaluate_voice(gen, SENTENCES, utterances, PROMPTS, cfg, tmp_path / "eval")
     assert gen.calls == len(SENTENCES) == result["pairs"] and result["voices"] == len(VOICES)
     assert (tmp_path / "eval" / "voice_eval.json").is_file()

@@ -16,7 +16,8 @@ held-out utterances; see `csm_jax.evaluation.speaker`).
 
 Reading (`reading_pairs` > 0): `csm_jax.evaluation.reading.reading_profile` on held-out turns of one voice after
 that voice's earlier turn: how much worse the teacher-forced codebook-0 loss gets, through the turn, when the
-turn's text is swapped for another sentence (progress long before the WER moves).
+turn's text is swapped for another sentence (progress long before the WER moves). Code sources (`source_pairs`
+> 0): `csm_jax.evaluation.reading.code_source_wer` on such pairs: which half of the model loses the words.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from csm_jax.csm.generator import Segment
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
 from csm_jax.evaluation.intelligibility import Intelligibility, word_error_rate
-from csm_jax.evaluation.reading import reading_profile, same_voice_pairs
+from csm_jax.evaluation.reading import code_source_wer, reading_profile, same_voice_pairs
 from csm_jax.evaluation.speaker import feature_scale, speaker_distance, speaker_features
 
 
@@ -45,7 +46,7 @@ from csm_jax.evaluation.speaker import feature_scale, speaker_distance, speaker_
 class VoiceEvalConfig:
     """sentences: how many held-out sentences (the first ones of heldout.txt); reference: the eSpeak NG voice of
     the yardstick rendering; sampling settings as the server's defaults; reading_pairs: held-out pairs of the
-    reading profile (0: none)."""
+    reading profile (0: none); source_pairs: held-out pairs of the code-source WERs (0: none)."""
 
     sentences: int = 60
     max_audio_ms: int = 10_000
@@ -54,6 +55,7 @@ class VoiceEvalConfig:
     seed: int = 0
     reference: str = "en-us"
     reading_pairs: int = 24
+    source_pairs: int = 12
 
 
 def _by_voice(utterances: Sequence[Utterance]) -> dict[int, list[Utterance]]:
@@ -71,8 +73,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
 
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
-    "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "items": per-sentence
-    records}."""
+    "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
+    (`code_source_wer`'s, with source_pairs > 0), "items": per-sentence records}."""
     voices = _by_voice(held_out)
     if len(voices) < 2:
         raise ValueError("voice evaluation needs held-out utterances of at least two voices (two each)")
@@ -124,6 +126,10 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
     if cfg.reading_pairs > 0:
         result["reading"] = reading_profile(gen, same_voice_pairs(held_out, cfg.reading_pairs),
                                             [u.text for u in held_out], seed=cfg.seed)
+    if cfg.source_pairs > 0:
+        pairs = same_voice_pairs(held_out, cfg.source_pairs)
+        result["code_sources"] = code_source_wer(gen, pairs, Intelligibility([*corpus_text, *sentences,
+                                                                               *(t.text for _, t in pairs)]))
     if out is not None:
         (out / "voice_eval.json").write_text(json.dumps(result | {"items": items}, indent=2, default=str))
     return result | {"items": items}
