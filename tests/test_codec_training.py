@@ -4,6 +4,7 @@ bad inputs with clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -42,6 +43,9 @@ DATA = ROOT / "tests" / "data"
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 TINY = MimiConfig(hidden_size=64, num_filters=8, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16,
                   intermediate_size=128, codebook_dim=32, codebook_size=256, num_quantizers=4, upsample_groups=64)
+# One training config for the in-process tests (variants differ only in stages), so they share compiled programs.
+FAST = CodecTrainConfig(max_steps=30, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4),
+                        optim=CodecOptimConfig(learning_rate=3e-3, warmup_steps=5))
 
 
 def _latent(cfg: MimiConfig, seed: int = 0, clip: str = "speech_3s.wav") -> tuple[dict[str, Any], jax.Array]:
@@ -140,9 +144,7 @@ def test_audio_bank_crops_are_deterministic_and_cover_the_audio(bank: AudioBank)
 
 
 def test_a_tiny_codec_learns_to_reconstruct(bank: AudioBank) -> None:
-    cfg = CodecTrainConfig(max_steps=30, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4),
-                           optim=CodecOptimConfig(learning_rate=3e-3, warmup_steps=5))
-    program = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
+    program = CodecProgram(TINY, FAST, make_train_mesh(FAST.mesh))
     state = program.init_state(0)
     audio = bank.crops(0, 4, program.segment)
     mels = []
@@ -179,13 +181,22 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
     return overrides
 
 
-def test_recipe_trains_evaluates_and_exports_a_codec_transformers_reads(corpus: tuple[str, ...]) -> None:
+LOG_EVERY_STEP = ("codec_train.log_every=1",)  # every step's loss in metrics.jsonl, for the resume comparison
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted 12-step recipe run (adversarial from step 6, evaluated at 6 and 12) -> its summary."""
+    return result(run(*corpus, *LOG_EVERY_STEP, f"workdir={tmp_path_factory.mktemp('codec_ref')}"))
+
+
+def test_recipe_trains_evaluates_and_exports_a_codec_transformers_reads(reference_run: dict[str, Any]) -> None:
     import torch
     from transformers import MimiModel
 
     from csm_jax import load_codec
 
-    summary = result(run(*corpus))
+    summary = reference_run
     assert summary["step"] == 12 and not summary["resumed"]
     assert {"eval/mel_distance", "eval/si_snr", "eval/f0_rel_error"} <= set(summary["eval"])
     export = Path(summary["export"])
@@ -203,9 +214,10 @@ def test_recipe_trains_evaluates_and_exports_a_codec_transformers_reads(corpus: 
     np.testing.assert_allclose(decoded, np.asarray(codec.decode(ours)), atol=1e-4)
 
 
-def test_kill_9_after_a_checkpoint_resumes_exactly(corpus: tuple[str, ...], tmp_path: Path) -> None:
-    settings = ("codec_train.log_every=1", "codec_train.eval_every=0", "seed=5")
-    reference = losses(Path(result(run(*corpus, *settings, f"workdir={tmp_path / 'ref'}"))["workdir"]))
+def test_kill_9_after_a_checkpoint_resumes_exactly(corpus: tuple[str, ...], reference_run: dict[str, Any],
+                                                  tmp_path: Path) -> None:
+    settings = LOG_EVERY_STEP
+    reference = losses(Path(reference_run["workdir"]))
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(command(*corpus, *settings, f"workdir={workdir}"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -256,8 +268,7 @@ def test_bad_inputs_fail_with_clear_errors(case: str, corpus: tuple[str, ...], t
 
 
 def test_frozen_codes_keep_encoder_and_codebooks_while_the_decoder_trains(bank: AudioBank) -> None:
-    cfg = CodecTrainConfig(max_steps=6, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4), freeze_codes_at=3,
-                           optim=CodecOptimConfig(learning_rate=3e-3, warmup_steps=1))
+    cfg = dataclasses.replace(FAST, freeze_codes_at=3)
     program = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
     state = program.init_state(0)
     audio = bank.crops(0, 4, program.segment)
@@ -297,8 +308,7 @@ def test_a_run_starts_from_a_codec_and_trains_its_decoder_on_fixed_codes(bank: A
     from csm_jax import load_codec
     from csm_jax.training.codec.discriminator import DiscriminatorConfig
 
-    base = CodecTrainConfig(max_steps=2, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4))
-    program = CodecProgram(TINY, base, make_train_mesh(base.mesh))
+    program = CodecProgram(TINY, FAST, make_train_mesh(FAST.mesh))
     program.codec(program.init_state(0)).save(tmp_path / "source")
     source = load_codec(tmp_path / "source")
 

@@ -109,8 +109,9 @@ class CodecProgram:
             raise ValueError(f"codec_train.init: its architecture differs from codec.config in {diff}")
         mimi = jax.tree.map(jnp.array, strip_codebooks(codec.params))  # copies: train steps donate the state
         params = dict(state.params) | {"mimi": mimi}
-        return state.replace(params=params, ema=ema_from_codebooks(codec.params, self.codec_cfg),
-                             opt_state=self.tx.init(params))
+        new = state.replace(params=params, ema=ema_from_codebooks(codec.params, self.codec_cfg),
+                            opt_state=self.tx.init(params))
+        return jax.device_put(new, self.replicated)  # laid out as the steps return it: one compile, not two
 
     def codec(self, state: CodecState, num_codebooks: int | None = None) -> MimiCodec:
         """The inference codec of `state` (codebooks = EMA centroids)."""
