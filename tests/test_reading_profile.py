@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from csm_jax.audio import load_audio
+from csm_jax.csm.model import Csm
 from csm_jax.csm.prompt import concat
 from csm_jax.data.grammar import heldout
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
 from csm_jax.default_model import random_generator
-from csm_jax.evaluation.reading import code_source_wer, reading_profile, same_voice_pairs
+from csm_jax.evaluation.reading import code_source_wer, input_reliance, reading_profile, same_voice_pairs
 from csm_jax.training.loss import LossConfig, compute_loss
 
 TEXTS = heldout(8, seed=3)
@@ -95,3 +96,67 @@ def test_code_sources_resynthesise_the_true_codes_only_as_the_original(turns):
     assert result["wer"]["original"] == 0.0  # the true codes, decoded as they are
     # the random model's codes differ from the true ones, so nothing else is heard
     assert all(result["wer"][s] == 1.0 for s in ("c0_true+depth", "c0_model+acoustic_true", "c0_model+depth"))
+
+
+def _reference_scores(gen, pairs, edit) -> tuple[float, float]:
+    """c0 accuracy and NLL of each pair's target frames on rows built here, `edit(tokens, mask, rows, hidden)`
+    applied to the target's audio rows first (hidden: the backbone's states before each frame on the true rows)."""
+    fmt, model, k = gen.prompt_format(), Csm(gen.cfg), gen.cfg.num_codebooks
+    forward = jax.jit(lambda t, m: model.apply({"params": gen.params}, t, m, method=Csm.backbone_forward))
+    acc, nll = [], []
+    for prompt, target in pairs:
+        audio = gen.audio_rows(load_audio(target.audio))
+        frames = len(audio[0]) - 1
+        tokens, mask = concat([fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
+                               fmt.text_rows(target.text, 0), audio])
+        s = len(tokens) - frames - 1
+        hidden = np.asarray(forward(tokens[None], mask[None])[1])[0, s - 1: s - 1 + frames]
+        tokens, mask = edit(tokens.copy(), mask.copy(), slice(s, s + frames), hidden, k)
+        logits = np.asarray(forward(tokens[None], mask[None])[0], np.float64)[0, s - 1: s - 1 + frames]
+        true = tokens[s: s + frames, 0]
+        lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+        acc.append(np.mean(logits[:, : gen.codec.config.codebook_size].argmax(-1) == true))
+        nll.append(-np.mean(lp[np.arange(frames), true]))
+    return float(np.mean(acc)), float(np.mean(nll))
+
+
+def test_input_reliance_scores_true_masked_and_fed_back_fine_codes(turns):
+    gen = random_generator(0)
+    pairs = same_voice_pairs(turns)[:1]  # one pair: each target length compiles its own programs
+    result = input_reliance(gen, pairs, levels=(1, 3))
+    assert result["pairs"] == 1
+    assert set(result["accuracy"]["depth"]) == set(result["nll"]["masked"]) == {1, 3}
+
+    def keep(tokens, mask, rows, hidden, k):
+        return tokens, mask
+
+    def mask_from(m):
+        def edit(tokens, mask, rows, hidden, k):
+            mask[rows, m:k] = False
+            return tokens, mask
+        return edit
+
+    model = Csm(gen.cfg)
+    depth = jax.jit(lambda h, c: model.apply({"params": gen.params}, h, c, method=Csm.depth_forward))
+
+    def depth_from(m):  # the depth decoder's greedy codebooks m..K-1, one at a time, each given those before it
+        def edit(tokens, mask, rows, hidden, k):
+            codes = tokens[rows, :k].copy()
+            for i in range(m, k):
+                logits = depth(hidden, codes)
+                codes[:, i] = np.asarray(logits)[:, i - 1, : gen.codec.config.codebook_size].argmax(-1)
+            tokens[rows, :k] = codes
+            return tokens, mask
+        return edit
+
+    for key, edit in [(("true",), keep), (("masked", 1), mask_from(1)), (("masked", 3), mask_from(3)),
+                      (("depth", 1), depth_from(1)), (("depth", 3), depth_from(3))]:
+        acc, nll = _reference_scores(gen, pairs, edit)
+        got_acc, got_nll = (result[name][key[0]] if len(key) == 1 else result[name][key[0]][key[1]]
+                            for name in ("accuracy", "nll"))
+        assert got_acc == pytest.approx(acc, abs=1e-6) and got_nll == pytest.approx(nll, rel=1e-4), key
+    # what the backbone sees matters: masking the fine codebooks moves its loss
+    assert result["nll"]["masked"][1] != pytest.approx(result["nll"]["true"], rel=1e-3)
+    with pytest.raises(ValueError, match="levels must be codebook counts"):
+        input_reliance(gen, pairs, levels=(gen.cfg.num_codebooks,))

@@ -12,6 +12,8 @@ audio, then the target's text and audio (its end frame included), codes from the
 
     code_source_wer(gen, pairs, asr)["wer"]   # resynthesis WER with codebook 0 and codebooks 1..K-1 each true or
                                               # the model's (teacher-forced): which half loses the words
+    input_reliance(gen, pairs)                # teacher-forced codebook-0 accuracy when the past frames' fine
+                                              # codebooks are the depth decoder's or absent: exposure to its errors
 """
 
 from __future__ import annotations
@@ -105,12 +107,13 @@ def _argmax(logits: jax.Array, limit: int) -> jax.Array:
     return jnp.argmax(logits[..., :limit], axis=-1).astype(jnp.int32)
 
 
-def _greedy_depth(gen: Any, forward_depth: Any, hidden: jax.Array, c0: jax.Array) -> np.ndarray:
-    """Backbone hidden float [T, D] (the rows before each frame), codebook 0 int [T] -> codes int [T, K]: the depth
-    decoder's greedy codebooks 1..K-1, each given the ones before it."""
+def _greedy_depth(gen: Any, forward_depth: Any, hidden: jax.Array, prefix: jax.Array) -> np.ndarray:
+    """Backbone hidden float [T, D] (the rows before each frame), the first codebooks int [T] or [T, m] -> codes
+    int [T, K]: those, then the depth decoder's greedy codebooks m..K-1, each given the ones before it."""
     k, limit = gen.cfg.num_codebooks, gen.codec.config.codebook_size
-    codes = jnp.zeros((c0.shape[0], k), jnp.int32).at[:, 0].set(c0)
-    for i in range(1, k):
+    prefix = prefix.reshape(prefix.shape[0], -1)
+    codes = jnp.zeros((prefix.shape[0], k), jnp.int32).at[:, : prefix.shape[1]].set(prefix)
+    for i in range(prefix.shape[1], k):
         codes = codes.at[:, i].set(_argmax(forward_depth(gen.params, hidden, codes)[:, i - 1], limit))
     return np.asarray(codes)
 
@@ -151,3 +154,61 @@ def code_source_wer(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], asr:
     if not texts:
         raise ValueError("no pairs to score")
     return {"wer": {s: word_error_rate(texts, heard[s]) for s in SOURCES}, "pairs": len(texts)}
+
+
+def input_reliance(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], levels: Sequence[int] = (1, 2, 4)
+                   ) -> dict[str, Any]:
+    """How much does the backbone lean on the fine codebooks of the frames before? Each pair's target turn,
+    teacher-forced after the prompt turn and its own text, scored by the backbone's codebook 0 over the turn's
+    frames (its end frame excluded): argmax accuracy and NLL (nats per frame) when the target's audio rows are the
+    true codes ("true"); when their codebooks m..K-1 are the depth decoder's greedy codes given the true codebooks
+    0..m-1 ("depth": what free running feeds back once the depth decoder errs); when those codebooks are masked out
+    ("masked").
+
+    -> {"accuracy": {"true": float, "depth": {m: float}, "masked": {m: float}}, "nll": (the same), "pairs": int}
+    for m in `levels` (1..K-1). A model whose "depth" scores are far below "true" drifts when it runs free, however
+    well it scores teacher-forced."""
+    k = gen.cfg.num_codebooks
+    levels = [int(m) for m in levels]
+    if not levels or any(not 1 <= m < k for m in levels):
+        raise ValueError(f"levels must be codebook counts in 1..{k - 1}, got {levels}")
+    fmt = gen.prompt_format()
+    model = Csm(gen.cfg)
+    limit = gen.codec.config.codebook_size
+    backbone = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method=Csm.backbone_forward))
+    depth = jax.jit(lambda p, h, c: model.apply({"params": p}, h, c, method=Csm.depth_forward))
+    scores: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for prompt, target in pairs:
+        audio = gen.audio_rows(load_audio(target.audio))
+        frames = len(audio[0]) - 1  # the end frame is not scored
+        tokens, mask = concat([fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
+                               fmt.text_rows(target.text, 0), audio])
+        start = len(tokens) - frames - 1  # the target's first audio row
+        rows, before = slice(start, start + frames), slice(start - 1, start - 1 + frames)
+        true = tokens[rows, 0]
+
+        def score(t: np.ndarray, m: np.ndarray, before: slice = before, true: np.ndarray = true
+                  ) -> tuple[tuple[float, float], jax.Array]:
+            """(c0 argmax accuracy, mean c0 NLL) of rows (t, m), and the backbone hidden before each frame."""
+            logits, hidden = backbone(gen.params, jnp.asarray(t[None]), jnp.asarray(m[None]))
+            lp = jax.nn.log_softmax(logits[0, before].astype(jnp.float32), axis=-1)
+            nll = -float(jnp.mean(jnp.take_along_axis(lp, jnp.asarray(true)[:, None], axis=-1)))
+            return (float(np.mean(np.asarray(_argmax(logits[0, before], limit)) == true)), nll), hidden[0, before]
+
+        plain, hidden = score(tokens, mask)
+        scores.setdefault(("true", 0), []).append(plain)
+        for m in levels:
+            fed = tokens.copy()
+            fed[rows, :k] = _greedy_depth(gen, depth, hidden, jnp.asarray(tokens[rows, :m]))
+            scores.setdefault(("depth", m), []).append(score(fed, mask)[0])
+            masked = mask.copy()
+            masked[rows, m:k] = False
+            scores.setdefault(("masked", m), []).append(score(tokens, masked)[0])
+    if not scores:
+        raise ValueError("no pairs to score")
+    out: dict[str, Any] = {"pairs": len(scores[("true", 0)])}
+    for i, name in enumerate(("accuracy", "nll")):
+        mean = {key: float(np.mean([v[i] for v in values])) for key, values in scores.items()}
+        out[name] = {"true": mean[("true", 0)], "depth": {m: mean[("depth", m)] for m in levels},
+                     "masked": {m: mean[("masked", m)] for m in levels}}
+    return out

@@ -17,7 +17,9 @@ held-out utterances; see `csm_jax.evaluation.speaker`).
 Reading (`reading_pairs` > 0): `csm_jax.evaluation.reading.reading_profile` on held-out turns of one voice after
 that voice's earlier turn: how much worse the teacher-forced codebook-0 loss gets, through the turn, when the
 turn's text is swapped for another sentence (progress long before the WER moves). Code sources (`source_pairs`
-> 0): `csm_jax.evaluation.reading.code_source_wer` on such pairs: which half of the model loses the words.
+> 0): `csm_jax.evaluation.reading.code_source_wer` on such pairs: which half of the model loses the words; and
+`input_reliance` on them: how far the backbone falls when the past frames' fine codebooks are the depth decoder's
+(free running) instead of the true ones.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from csm_jax.csm.generator import Segment
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
 from csm_jax.evaluation.intelligibility import Intelligibility, word_error_rate
-from csm_jax.evaluation.reading import code_source_wer, reading_profile, same_voice_pairs
+from csm_jax.evaluation.reading import code_source_wer, input_reliance, reading_profile, same_voice_pairs
 from csm_jax.evaluation.speaker import feature_scale, speaker_distance, speaker_features
 
 
@@ -74,7 +76,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
     "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
-    (`code_source_wer`'s, with source_pairs > 0), "items": per-sentence records}."""
+    (`code_source_wer`'s, with source_pairs > 0), "input_reliance" (`input_reliance`'s, with source_pairs > 0),
+    "items": per-sentence records}."""
     voices = _by_voice(held_out)
     if len(voices) < 2:
         raise ValueError("voice evaluation needs held-out utterances of at least two voices (two each)")
@@ -130,6 +133,7 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
         pairs = same_voice_pairs(held_out, cfg.source_pairs)
         result["code_sources"] = code_source_wer(gen, pairs, Intelligibility([*corpus_text, *sentences,
                                                                                *(t.text for _, t in pairs)]))
+        result["input_reliance"] = input_reliance(gen, pairs)
     if out is not None:
         (out / "voice_eval.json").write_text(json.dumps(result | {"items": items}, indent=2, default=str))
     return result | {"items": items}
