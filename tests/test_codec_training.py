@@ -50,8 +50,9 @@ FAST = CodecTrainConfig(max_steps=30, batch_size=4, segment_frames=6, mesh=MeshC
 
 def _latent(cfg: MimiConfig, seed: int = 0, clip: str = "speech_3s.wav") -> tuple[dict[str, Any], jax.Array]:
     audio = jnp.asarray(load_audio(DATA / clip)[None, : 12 * cfg.frame_size])
-    params = Mimi(cfg).init(jax.random.key(seed), audio[:, : cfg.frame_size])["params"]
-    return params, Mimi(cfg).apply({"params": params}, audio, method=Mimi.encode_latent)
+    model = Mimi(cfg)  # compiled: one program each instead of hundreds of op-by-op ones
+    params = jax.jit(model.init)(jax.random.key(seed), audio[:, : cfg.frame_size])["params"]
+    return params, jax.jit(lambda p, a: model.apply({"params": p}, a, method=Mimi.encode_latent))(params, audio)
 
 
 def _trained_ema(params: dict[str, Any], latent: jax.Array, cfg: MimiConfig, steps: int = 3) -> dict[str, Any]:
