@@ -99,6 +99,10 @@ def test_config_round_trip(src: Source) -> None:
     assert CsmConfig.from_hf(transformers_config(cfg)) == cfg
     assert transformers_config(cfg)["depth_decoder_config"]["rope_parameters"] == {"rope_type": "default",
                                                                                    "rope_theta": 1234.0}
+    # csm-jax's input_codebooks extension is kept (and absent when unset, as in every official checkpoint)
+    assert "input_codebooks" not in hf
+    narrow = src.cfg.replace(input_codebooks=3)
+    assert CsmConfig.from_hf(json.loads(json.dumps(transformers_config(narrow)))) == narrow
     # what transformers reads from it: the fields transformers' own save_pretrained wrote for the same model
     theirs = json.loads((src.hf_dir / "config.json").read_text())
     parsed = HFCsmConfig(**hf).to_dict()

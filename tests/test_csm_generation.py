@@ -37,6 +37,7 @@ from transformers import CsmForConditionalGeneration
 import csm_jax
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.csm import Generator, load_csm_params
+from csm_jax.csm.model import Csm
 
 N_FRAMES = 10  # frames compared against transformers
 PROMPT = (("text", 6), ("audio", 5), ("eos", 1), ("text", 4))  # context turn with audio, then the target text
@@ -485,6 +486,34 @@ def test_masked_columns_are_ignored(tiny: GenCase) -> None:
     for filler in (10**6, -100):
         dirty = np.where(mask, tokens, filler).astype(np.int32)
         np.testing.assert_array_equal(greedy(tiny.gen, dirty, mask, 4), ref, err_msg=f"filler {filler}")
+
+
+def test_input_codebooks(tiny: GenCase) -> None:
+    """`CsmConfig.input_codebooks = m`: the backbone embeds only codebooks 0..m-1 of every audio row, in training
+    (`backbone_forward`) and in generation (prompt rows and the frames fed back) alike; the depth decoder still
+    makes all K codebooks. Oracle: the unchanged model, teacher-forced on the same rows with columns m..K-1 masked
+    out, must give each generated frame's codebook 0 as its greedy choice."""
+    k, m = tiny.gen.cfg.num_codebooks, 2
+    cfg = tiny.gen.cfg.replace(input_codebooks=m)
+    gen = csm_jax.Generator(tiny.gen.params, cfg, tiny.gen.codec, None)
+    tokens, mask = make_prompt(tiny.model.config, PROMPT, seed=0)
+    codes = greedy(gen, tokens, mask, 6)
+    assert codes.shape == (6, k) and len(np.unique(codes[:, m:])) > 1
+    frames, frame_mask = audio_rows(codes, k)
+    seq = np.concatenate([tokens, frames])
+    seq_mask = np.concatenate([mask, frame_mask])
+    seq_mask[:, m:k] = False
+    model = Csm(tiny.gen.cfg)
+    logits, _ = model.apply({"params": tiny.gen.params}, seq[None], seq_mask[None], method=Csm.backbone_forward)
+    n = len(tokens)
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits[0, n - 1:n + 5]), -1), codes[:, 0])
+    # the model with input_codebooks reads the unmasked rows exactly as the unchanged one reads the masked rows
+    full_mask = np.concatenate([mask, audio_rows(codes, k)[1]])
+    ours, _ = Csm(cfg).apply({"params": tiny.gen.params}, seq[None], full_mask[None], method=Csm.backbone_forward)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(logits))
+    for bad in (0, k + 1, 1.0, True):
+        with pytest.raises(ValueError, match="input_codebooks"):
+            tiny.gen.cfg.replace(input_codebooks=bad)
 
 
 def test_seed_and_numpy_scalars(tiny: GenCase) -> None:

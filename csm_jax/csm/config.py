@@ -64,7 +64,13 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CsmConfig:
-    """CSM: frames of `num_codebooks` audio columns plus one text column; audio vocab 2051 per codebook."""
+    """CSM: frames of `num_codebooks` audio columns plus one text column; audio vocab 2051 per codebook.
+
+    `input_codebooks` (a csm-jax extension; None: all, as CSM-1B): how many codebooks of each audio row the backbone
+    embeds. The depth decoder still predicts all `num_codebooks`. With fewer, the backbone conditions only on the
+    codebooks it can trust in free running: the coarse ones, which the depth decoder reproduces well, rather than
+    the fine ones, which it cannot (a small model trained on all of them leans on them and drifts once it hears
+    its own). Training and generation both go through `Csm.embed`, so they see the same frames."""
 
     backbone: LlamaConfig
     decoder: LlamaConfig
@@ -72,11 +78,20 @@ class CsmConfig:
     audio_vocab_size: int = 2051
     num_codebooks: int = 32
     dtype: str = "float32"  # compute dtype; parameters are stored float32
+    input_codebooks: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_codebooks < 2:
             raise ValueError("CSM needs at least 2 codebooks")
+        m = self.input_codebooks
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.num_codebooks):
+            raise ValueError(f"input_codebooks must be null or an int in 1..{self.num_codebooks}, got {m!r}")
         jnp.dtype(self.dtype)
+
+    @property
+    def backbone_codebooks(self) -> int:
+        """Codebooks of each audio row the backbone embeds (`input_codebooks`, or all)."""
+        return self.num_codebooks if self.input_codebooks is None else self.input_codebooks
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -111,6 +126,7 @@ class CsmConfig:
             text_vocab_size=d.get("text_vocab_size", 128_256),
             audio_vocab_size=d.get("vocab_size", 2051),
             num_codebooks=d.get("num_codebooks", 32),
+            input_codebooks=d.get("input_codebooks"),
         )
 
     @classmethod

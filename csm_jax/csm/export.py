@@ -76,6 +76,8 @@ def transformers_config(cfg: CsmConfig, codec_config: MimiConfig | None = None, 
                                  "num_codebooks": cfg.num_codebooks, "vocab_size": cfg.audio_vocab_size,
                                  "backbone_hidden_size": cfg.backbone.hidden_size},
     }
+    if cfg.input_codebooks is not None:  # csm-jax's extension (CsmConfig.input_codebooks): transformers ignores it
+        out["input_codebooks"] = cfg.input_codebooks
     if codec_config is not None:
         out["codec_config"] = codec_export.transformers_config(codec_config)
     return out | extra
@@ -117,6 +119,8 @@ def export_transformers(params: Any, cfg: CsmConfig, out_dir: str | Path, *, cod
     quantizers. `tokenizer`: saved as tokenizer.json, its special token ids put in the config. `dtype`: "float32",
     "float16" or "bfloat16", for every tensor (codec included; `load_csm` reads them back as float32).
     `extra_files`: file name -> text (e.g. "prompt.json"). Everything is checked before anything is written.
+    A model with `cfg.input_codebooks` set keeps it in config.json, where transformers ignores it (it embeds every
+    codebook): such a directory generates as it was trained only in csm-jax.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown export dtype {dtype!r}; known: {list(DTYPES)}")

@@ -38,15 +38,16 @@ class Csm(nn.Module):
 
     # building blocks ------------------------------------------------------------------------------------
     def embed(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        """tokens int32 [B, S, K+1], mask bool [B, S, K+1] -> float [B, S, D_backbone] (masked embedding sum)."""
+        """tokens int32 [B, S, K+1], mask bool [B, S, K+1] -> float [B, S, D_backbone] (masked embedding sum of the
+        text column and the first `cfg.backbone_codebooks` audio columns)."""
         cfg = self.cfg
-        k = cfg.num_codebooks
+        k, m_in = cfg.num_codebooks, cfg.backbone_codebooks
         tokens = jnp.where(mask, tokens, 0)  # masked columns may hold any filler; never index with it
-        offsets = jnp.arange(k, dtype=jnp.int32) * cfg.audio_vocab_size
-        audio = jnp.take(self.audio_embeddings, tokens[..., :k] + offsets, axis=0)  # [B, S, K, D]
+        offsets = jnp.arange(m_in, dtype=jnp.int32) * cfg.audio_vocab_size
+        audio = jnp.take(self.audio_embeddings, tokens[..., :m_in] + offsets, axis=0)  # [B, S, M, D]
         text = jnp.take(self.text_embeddings, tokens[..., k], axis=0)  # [B, S, D]
         m = mask.astype(jnp.float32)
-        h = jnp.einsum("bskd,bsk->bsd", audio, m[..., :k]) + text * m[..., k, None]
+        h = jnp.einsum("bskd,bsk->bsd", audio, m[..., :m_in]) + text * m[..., k, None]
         return h.astype(cfg.compute_dtype)
 
     def audio_embed(self, codes: jax.Array, codebook: jax.Array | int) -> jax.Array:
