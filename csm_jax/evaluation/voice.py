@@ -12,7 +12,9 @@ held-out sentences) for word error rates, and the generated durations are compar
 Voice prompting: every sentence's prompt voice A is paired with another voice B of the held-out set; the output
 counts as prompted when `speaker_distance` puts it closer to A's prompt utterance than to an utterance of B (F0
 register and spread plus the long-term spectral envelope, scaled by the within-voice spread measured on the
-held-out utterances; see `csm_jax.evaluation.speaker`).
+held-out utterances; see `csm_jax.evaluation.speaker`). The generated audio can only be as close to a voice as the
+codec renders it, so when the generator has a codec the same test is also applied to the codec's resynthesis of
+another held-out utterance of A (`prompting_ceiling`): what a CSM that reproduced A's codes exactly would score.
 
 Reading (`reading_pairs` > 0): `csm_jax.evaluation.reading.reading_profile` on held-out turns of one voice after
 that voice's earlier turn: how much worse the teacher-forced codebook-0 loss gets, through the turn, when the
@@ -60,6 +62,11 @@ class VoiceEvalConfig:
     source_pairs: int = 12
 
 
+def _resynthesis(codec: Any, audio: np.ndarray) -> np.ndarray:
+    """float32 speech [N] -> the codec's rendering of it (encode, then decode), float32 [N]."""
+    return np.asarray(codec.decode(codec.encode(audio[None])))[0, : audio.size]
+
+
 def _by_voice(utterances: Sequence[Utterance]) -> dict[int, list[Utterance]]:
     groups: dict[int, list[Utterance]] = defaultdict(list)
     for u in utterances:
@@ -75,7 +82,7 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
 
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
-    "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
+    "prompting_ceiling" (when `gen.codec` exists; the module docstring), "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
     (`code_source_wer`'s, with source_pairs > 0), "input_reliance" (`input_reliance`'s, with source_pairs > 0),
     "items": per-sentence records}."""
     voices = _by_voice(held_out)
@@ -92,7 +99,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
     ids = list(voices)
     rng = np.random.default_rng(cfg.seed)
     max_frames = cfg.max_audio_ms // 80
-    generated, references, items = [], [], []
+    generated, references, items, ceiling = [], [], [], []
+    codec = getattr(gen, "codec", None)
     with tempfile.TemporaryDirectory(prefix="csm-jax-voice-eval-") as tmp:
         for i, text in enumerate(sentences):
             a, b = rng.choice(len(ids), 2, replace=False)
@@ -107,6 +115,11 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
             d_a = speaker_distance(f_out, feats[prompt.audio], scale)
             d_b = speaker_distance(f_out, feats[other.audio], scale)
             frames = audio.size // 1920
+            if codec is not None:  # the codec's own rendering of another of A's utterances: the prompting ceiling
+                same = voices[voice_a][(i + 1) % len(voices[voice_a])]
+                f_res = speaker_features(_resynthesis(codec, audio_of[same.audio]))
+                ceiling.append(speaker_distance(f_res, feats[prompt.audio], scale)
+                               < speaker_distance(f_res, feats[other.audio], scale))
             items.append({"text": text, "prompt_voice": int(voice_a), "other_voice": int(voice_b),
                           "prompt": str(prompt.audio), "seconds": audio.size / 24000,
                           "reference_seconds": reference.size / 24000, "ended": frames < max_frames,
@@ -126,6 +139,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
               "prompting_accuracy": float(np.mean([it["prompted"] for it in items])),
               "pairs": len(items), "sentences": len(sentences), "voices": len(ids), "config": asdict(cfg)}
     result["wer_gap"] = result["wer_generated"] - result["wer_reference"]
+    if ceiling:
+        result["prompting_ceiling"] = float(np.mean(ceiling))
     if cfg.reading_pairs > 0:
         result["reading"] = reading_profile(gen, same_voice_pairs(held_out, cfg.reading_pairs),
                                             [u.text for u in held_out], seed=cfg.seed)
