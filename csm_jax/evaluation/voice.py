@@ -82,7 +82,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
 
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
-    "prompting_ceiling" (when `gen.codec` exists; the module docstring), "pairs", "sentences", "reading" (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
+    "prompting_ceiling" (when `gen.codec` exists; the module docstring), "pairs", "sentences", "reading"
+    (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
     (`code_source_wer`'s, with source_pairs > 0), "input_reliance" (`input_reliance`'s, with source_pairs > 0),
     "items": per-sentence records}."""
     voices = _by_voice(held_out)
