@@ -346,8 +346,9 @@ class Client:
 
     async def say(self, text: str, speaker: int = 0, *, max_audio_ms: int | None = None,
                   temperature: float | None = None, top_k: int | None = None, seed: int | None = None,
+                  depth_temperature: float | None = None, depth_top_k: int | None = None,
                   on_frame: FrameCallback | None = None) -> Response:
-        """Generate `text` in `speaker`'s voice. Frames are collected (and passed to `on_frame` as int16 [1920]
+        """Generate `text` in `speaker`'s voice (sampling left out: the server's defaults). Frames are collected (and passed to `on_frame` as int16 [1920]
         arrays, in order, as they arrive); returns when the server's `response.done` arrives. A cancelled
         response returns normally with `stop_reason == "cancelled"`."""
         self._check_open()
@@ -357,7 +358,7 @@ class Client:
             self._check_open()
         event: dict[str, Any] = {"type": "say", "text": text, "speaker": speaker}
         for key, value in (("max_audio_ms", max_audio_ms), ("temperature", temperature), ("top_k", top_k),
-                           ("seed", seed)):
+                           ("depth_temperature", depth_temperature), ("depth_top_k", depth_top_k), ("seed", seed)):
             if value is not None:
                 event[key] = value
         waiter = _Waiter({"response.started", "response.done"})
@@ -618,6 +619,8 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument("--max-audio-ms", type=int)
     say.add_argument("--temperature", type=float)
     say.add_argument("--top-k", type=int)
+    say.add_argument("--depth-temperature", type=float, help="codebooks 1..K-1 (default: as --temperature)")
+    say.add_argument("--depth-top-k", type=int, help="codebooks 1..K-1 (default: as --top-k)")
     say.add_argument("--seed", type=int)
     send = sub.add_parser("send", parents=[common], help="send an audio file as a user turn")
     send.add_argument("--wav", required=True, help="any file soundfile reads (wav, flac, ogg); downmixed to mono")
@@ -634,7 +637,8 @@ async def _cli(args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {"conversation_id": cid, "resumed": bool(c.session.get("resumed"))}
         if args.command == "say":
             r = await c.say(args.text, args.speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
-                            top_k=args.top_k, seed=args.seed)
+                            top_k=args.top_k, seed=args.seed, depth_temperature=args.depth_temperature,
+                            depth_top_k=args.depth_top_k)
             write_wav(args.out, r)
             out.update(done=r.done, frames_received=r.frames, audio_s=r.audio_s, ttfa_ms_client=r.ttfa_ms_client,
                        out=str(args.out))

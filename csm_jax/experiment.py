@@ -22,6 +22,7 @@ from csm_jax.configs import from_dict
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.generator import Generator
 from csm_jax.csm.prompt import PromptFormat
+from csm_jax.csm.sampling import Sampling
 from csm_jax.csm.weights import HUB_FILES
 from csm_jax.data import Dataset, Loader, make_espeak_corpus, prepare, split
 from csm_jax.data.speech_corpus import make_speech_corpus
@@ -46,6 +47,15 @@ def check_keys(cfg: dict[str, Any]) -> None:
 def model_config(cfg: dict[str, Any]) -> CsmConfig:
     m = cfg["model"]
     return CsmConfig.from_dict({**m["config"], "dtype": m.get("dtype") or "float32"})
+
+
+def sampling(cfg: dict[str, Any]) -> Sampling:
+    """`model.sampling`: the model's default sampling settings (`csm_jax.csm.sampling.Sampling` fields; absent:
+    the CSM reference's; `temperature` / `top_k` alone apply to every codebook, as `Sampling.override`). Generators
+    of the run use it and export writes it as `generation_config.json`."""
+    given = dict(cfg["model"].get("sampling") or {})
+    from_dict(Sampling, given, "model.sampling.")  # unknown keys and bad values are errors
+    return Sampling().override(**given)
 
 
 def tokenizer(cfg: dict[str, Any]) -> Tokenizer:
@@ -192,7 +202,8 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
                        e.get("eval_batches"), full)
     out = Path(cfg["workdir"]) / "eval" / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)
-    gen = Generator(params, mc, mimi, fmt.tokenizer, frontend=fmt.frontend, max_context_turns=fmt.max_context_turns)
+    gen = Generator(params, mc, mimi, fmt.tokenizer, frontend=fmt.frontend, max_context_turns=fmt.max_context_turns,
+                    sampling=sampling(cfg))
     samples, texts, real = [], [], []
     for i in range(min(int(e["samples"]), len(eval_set))):
         entry = eval_set[i]
@@ -204,7 +215,7 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
                    for j in earlier]
         (tokens, mask), _ = fmt.conversation_rows(history, target, mc.backbone.max_seq_len - max_frames - len(target))
         codes = gen.generate_codes(tokens, mask, max_frames=max_frames,
-                                   temperature=float(e["temperature"]), top_k=int(e["top_k"]),
+                                   temperature=e.get("temperature"), top_k=e.get("top_k"),
                                    seed=int(e.get("seed", 0)) + i, code_limit=mimi.config.codebook_size)
         audio = np.asarray(mimi.decode(codes.T[None]))[0] if len(codes) else np.zeros(0, np.float32)
         resynth = np.asarray(mimi.decode(eval_set.codes(i).T[None].astype(np.int32)))[0]
@@ -230,7 +241,7 @@ def trained_generator(cfg: dict[str, Any], which: str | int = "best") -> tuple[G
     mc, fmt = model_config(cfg), prompt_format(cfg)
     params, step = restore_params(cfg, which)
     return Generator(params, mc, codec(cfg), fmt.tokenizer, frontend=fmt.frontend,
-                     max_context_turns=fmt.max_context_turns), step
+                     max_context_turns=fmt.max_context_turns, sampling=sampling(cfg)), step
 
 
 def run_voice_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +278,8 @@ def run_voice_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
 def run_export(cfg: dict[str, Any]) -> dict[str, Any]:
     """The run's checkpoint `export.checkpoint` with its codec, tokenizer and prompt settings -> `export.dir`, a
     transformers CSM directory (`load_csm` and `CsmForConditionalGeneration.from_pretrained` read it) with weights
-    in `export.dtype`; `prompt.json` records the text front end and context rule the model was trained with."""
+    in `export.dtype`; `prompt.json` records the text front end and context rule the model was trained with,
+    `generation_config.json` its sampling settings (`model.sampling`)."""
     from csm_jax.csm.export import export_transformers
     from csm_jax.csm.prompt import PROMPT_FILE
 
@@ -277,6 +289,7 @@ def run_export(cfg: dict[str, Any]) -> dict[str, Any]:
     fmt = gen.prompt_format()
     out = export_transformers(gen.params, gen.cfg, x["dir"], codec=gen.codec, tokenizer=fmt.tokenizer,
                               dtype=x.get("dtype", "float32"),
+                              sampling=gen.sampling,
                               extra_files={PROMPT_FILE: json.dumps(fmt.settings(), indent=2) + "\n",
                                            "STEP": f"{step}\n"})
     size = sum(f.stat().st_size for f in Path(out).iterdir())

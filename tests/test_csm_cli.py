@@ -67,6 +67,7 @@ def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkey
         (["generate", "--checkpoint", str(ckpt), "--text", "hi", "--out", str(tmp_path / "no" / "x.wav")],
          "does not exist"),
     ]
+    capsys.readouterr()  # what building the checkpoint printed (transformers' progress bars)
     for argv, needle in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -34,6 +34,7 @@ from csm_jax.csm.__main__ import main
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.export import export_transformers, transformers_config, transformers_tensors
 from csm_jax.csm.generator import load_csm
+from csm_jax.csm.sampling import GENERATION_CONFIG, Sampling
 from csm_jax.csm.weights import load_csm_params
 from csm_jax.default_model import tiny_mimi_config
 
@@ -251,13 +252,38 @@ def test_refusals_write_nothing(src: Source, tmp_path: Path) -> None:
     assert export_transformers(big, src.cfg, new, dtype="bfloat16") == new  # bfloat16 has float32's range
 
 
+def test_generation_config(src: Source, tmp_path: Path) -> None:
+    """A model's sampling settings travel as transformers' generation_config.json: transformers' CSM reads them
+    for its backbone and depth decoder, `load_csm` reads them back, and an unreadable one is a clear error."""
+    sampling = Sampling(temperature=0.3, top_k=20, depth_temperature=0.7, depth_top_k=1)  # greedy depth decoder
+    out = export_transformers(src.params, src.cfg, tmp_path / "sampled", sampling=sampling)
+    model = CsmForConditionalGeneration.from_pretrained(out)
+    theirs, depth = model.generation_config, model.depth_decoder.generation_config
+    assert (theirs.do_sample, theirs.temperature, theirs.top_k) == (True, 0.3, 20)
+    assert depth.do_sample is False  # transformers decodes the depth decoder greedily, as csm-jax's top_k 1
+    assert load_csm(out).sampling == sampling
+    # transformers' own save writes what it was given (its depth decoder settings under depth_decoder_)
+    model.depth_decoder.generation_config.update(do_sample=True, temperature=1.5, top_k=9)
+    model.save_pretrained(tmp_path / "resaved")
+    assert load_csm(tmp_path / "resaved").sampling == Sampling(0.3, 20, 1.5, 9)
+    # a file without sampling keys (transformers derives one from the model config) keeps the CSM reference's
+    assert load_csm(src.hf_dir).sampling == Sampling()
+    with pytest.raises(ValueError, match="generation_config"):
+        export_transformers(src.params, src.cfg, tmp_path / "clash", extra_files={GENERATION_CONFIG: "{}"})
+    for text in ("{not json", "[]", '{"do_sample": true, "temperature": 0}', '{"top_k": "many"}'):
+        (out / GENERATION_CONFIG).write_text(text)
+        with pytest.raises(CheckpointError, match=GENERATION_CONFIG):
+            load_csm(out)
+
+
 def test_cli_export(src: Source, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     assert main(["export", str(src.hf_dir), str(out), "--dtype", "float16"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", GENERATION_CONFIG}
     gen = load_csm(out)
     assert gen.codec is not None and gen.tokenizer is not None and gen.cfg == src.cfg
+    assert gen.sampling == load_csm(src.hf_dir).sampling
     for key, value in flat(src.params).items():
         assert np.array_equal(flat(gen.params)[key], value.astype(np.float16).astype(np.float32)), key
     assert main(["export", str(src.hf_dir), str(out)]) == 2

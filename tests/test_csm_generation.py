@@ -210,6 +210,35 @@ def test_sampling_stays_in_top_k(tiny: GenCase) -> None:
             assert set(frames[frames[:, 0] == c0, 1]) <= top1
 
 
+def test_depth_sampling_settings(tiny: GenCase) -> None:
+    """Codebook 0 and the depth decoder's codebooks sample with their own settings (transformers' `temperature`,
+    `top_k` and `depth_decoder_*`): a greedy codebook 0 under a hot depth decoder is transformers' argmax while
+    codebooks 1.. vary; a hot codebook 0 under a greedy depth decoder varies, and each frame's codebooks 1.. are
+    transformers' greedy depth decoding after that codebook 0."""
+    model, gen, k, v = tiny.model, tiny.gen, tiny.k, tiny.model.config.vocab_size
+    tokens, mask = make_prompt(model.config, (("text", 4), ("audio", 6), ("eos", 1)), seed=11)
+    t, m = _batch([(tokens, mask)] * 8, seed=1)
+    hot_depth = np.stack(gen.generate_codes(t, m, 1, top_k=1, seed=0, depth_temperature=2.0, depth_top_k=v))[:, 0]
+    hot_c0 = np.stack(gen.generate_codes(t, m, 1, temperature=2.0, top_k=v, seed=0, depth_top_k=1))[:, 0]
+    with torch.no_grad():
+        h = model.backbone_model(inputs_embeds=embed_prompt(model, tokens, mask)).last_hidden_state[:, -1]
+        assert set(hot_depth[:, 0]) == {int(model.lm_head(h)[0].argmax())}
+        assert len({tuple(row[1:]) for row in hot_depth}) > 1
+        assert len(set(hot_c0[:, 0])) > 1
+        for row in hot_c0:
+            ids = [0, int(row[0])]  # the backbone state's placeholder, then codebook 0
+            for i in range(1, k):
+                logits = model.depth_decoder(input_ids=torch.tensor([ids]), backbone_last_hidden_state=h).logits
+                ids.append(int(logits[0, i - 1].argmax()))
+            np.testing.assert_array_equal(row[1:], ids[2:])
+    # temperature / top_k alone set every codebook; the depth settings are checked like them
+    np.testing.assert_array_equal(np.stack(gen.generate_codes(t, m, 1, top_k=1)),
+                                  np.stack(gen.generate_codes(t, m, 1, top_k=1, depth_top_k=1)))
+    for bad in ({"depth_temperature": 0.0}, {"depth_top_k": 0}, {"depth_top_k": v + 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gen.generate_codes(tokens, mask, 1, top_k=5, **bad)
+
+
 # ------------------------------------------------------------------------------- 4. max_frames, EOS ---
 def test_max_frames(tiny: GenCase) -> None:
     tokens, mask = make_prompt(tiny.model.config, PROMPT, seed=0)

@@ -40,7 +40,8 @@ def voice_server(tmp_path_factory: pytest.TempPathFactory, xla_cache: Path) -> I
 
 def test_the_voice_ships_as_package_data_with_its_model_card() -> None:
     files = {p.name for p in VOICE_DIR.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "prompt.json", "MODEL_CARD.md"} <= files
+    assert {"model.safetensors", "config.json", "tokenizer.json", "prompt.json", "generation_config.json",
+            "MODEL_CARD.md"} <= files
     assert sum(p.stat().st_size for p in VOICE_DIR.iterdir()) <= MAX_WEIGHTS_BYTES
     card = (VOICE_DIR / "MODEL_CARD.md").read_text()
     for command in ("train/make_corpus.py", "train/train_codec.py", "train/prepare.py", "train/train.py",
@@ -59,7 +60,7 @@ def test_the_main_command_speaks_with_the_default_voice(voice_server: LiveServer
     health = json.loads(urllib.request.urlopen(voice_server.http_url + "health").read())
     assert health["model"] == NAME
 
-    async def go() -> list[tuple[dict, list[bytes]]]:
+    async def go() -> tuple[dict, list[tuple[dict, list[bytes]]]]:
         c = await Client.open(voice_server.ws_url)
         await c.start()
         out = []
@@ -67,9 +68,12 @@ def test_the_main_command_speaks_with_the_default_voice(voice_server: LiveServer
             _, done, frames = await c.say(text, speaker=0, seed=i, max_audio_ms=10_000)
             out.append((done, frames))
         await c.close()
-        return out
+        return c.ready, out
 
-    responses = run(go())
+    ready, responses = run(go())
+    # requests that leave sampling out get the voice's own (its generation_config.json), not the CSM reference's
+    voice = json.loads((VOICE_DIR / "generation_config.json").read_text())
+    assert (ready["defaults"]["temperature"], ready["defaults"]["top_k"]) == (voice["temperature"], voice["top_k"])
     audio = [np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32768 for _, frames in responses]
     refs = [load_audio(synthesise(Voice("espeak-ng", "en-us"), text, tmp_path / f"ref_{i}.wav"))
             for i, text in enumerate(SENTENCES)]

@@ -7,6 +7,7 @@ deterministic default model to check that served codes and audio are exactly wha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -48,13 +49,17 @@ def test_say_streams_frames_and_matches_the_library(live_server: LiveServer, ref
         c = await Client.open(live_server.ws_url)
         session = await c.start()
         started, done, frames = await c.say("Hello there.", speaker=0, max_audio_ms=640, seed=11, top_k=20,
-                                            temperature=0.8, id="q1")
+                                            temperature=0.8, depth_temperature=1.3, depth_top_k=7, id="q1")
         history = await c.request({"type": "history"})
         await c.close()
         return c.ready, session, started, done, frames, history
 
     ready, session, started, done, frames, history = run(go())
     assert ready["sample_rate"] == 24_000 and ready["frame_samples"] == 1920 and ready["protocol"] == 1
+    # the sampling a request that leaves it out gets: the model's (no generation_config.json: 0.9 / top 50)
+    assert {k: ready["defaults"][k] for k in ("temperature", "top_k", "depth_temperature", "depth_top_k")} == \
+        dataclasses.asdict(reference.sampling) == {"temperature": 0.9, "top_k": 50, "depth_temperature": 0.9,
+                                                   "depth_top_k": 50}
     assert started["id"] == done["id"] == "q1" and started["context_turns"] == 0
     assert started["prompt_rows"] == text_rows("Hello there.", 0)
     assert done["stop_reason"] == "max_length" and done["frames"] == 8 == len(frames) and done["audio_ms"] == 640
@@ -68,7 +73,7 @@ def test_say_streams_frames_and_matches_the_library(live_server: LiveServer, ref
     store.close()
     tokens, mask = reference.prompt("Hello there.", 0)
     codes = reference.generate_codes(tokens, mask, max_frames=8, temperature=0.8, top_k=20, seed=11,
-                                     code_limit=2048)
+                                     code_limit=2048, depth_temperature=1.3, depth_top_k=7)
     np.testing.assert_array_equal(turn.codes, codes)
     dec = reference.codec.stream_decoder(1)
     audio = np.concatenate([np.asarray(dec.step(c[None]))[0] for c in codes])
@@ -188,6 +193,9 @@ BAD_INPUTS = [
     ({"type": "say", "text": "hi", "speaker": -1}, "bad_field"),
     ({"type": "say", "text": "hi", "speaker": 0, "temperature": "hot"}, "bad_field"),
     ({"type": "say", "text": "hi", "speaker": 0, "top_k": 0}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "depth_temperature": -1.0}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "depth_top_k": 1.5}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "temperature": None}, "bad_field"),
     ({"type": "say", "text": "hi", "speaker": 0, "max_audio_ms": True}, "bad_field"),
     ({"type": "say", "text": "  ", "speaker": 0}, "bad_field"),
     ({"type": "say", "text": "x" * 1001, "speaker": 0}, "text_too_long"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from csm_jax import load_audio
+from csm_jax.csm.sampling import Sampling
 from csm_jax.data.grammar import heldout
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
@@ -39,8 +40,12 @@ class Speaker:
         self.voice_of, self.out, self.follow, self.calls = voice_of, out, follow, 0
         self.codec = Passthrough()
 
-    def generate(self, text: str, speaker: int, context: Any, max_audio_ms: int, temperature: float, top_k: int,
-                 seed: int) -> np.ndarray:
+    def resolve_sampling(self, *given: Any) -> Sampling:
+        return Sampling().override(*given)
+
+    def generate(self, text: str, speaker: int, context: Any, max_audio_ms: int, temperature: float | None,
+                 top_k: int | None, seed: int, depth_temperature: float | None = None,
+                 depth_top_k: int | None = None) -> np.ndarray:
         assert speaker == 0 and len(context) == 1 and context[0].speaker == 0 and context[0].audio.ndim == 1
         voice = self.voice_of[context[0].text] if self.follow else VOICES[0]
         self.calls += 1

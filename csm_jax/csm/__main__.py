@@ -1,20 +1,22 @@
 """Command line for CSM.
 
     python -m csm_jax.csm generate [--checkpoint CKPT] --text "Hello there." --out hello.wav [--speaker 0]
-        [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature 0.9] [--top-k 50]
-        [--seed 0] [--num-codebooks 32]
+        [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature T] [--top-k K]
+        [--depth-temperature T] [--depth-top-k K] [--seed 0] [--num-codebooks 32]
     python -m csm_jax.csm convert SRC DST [--quantize int8]   # transformers / original checkpoint -> orbax dir
         (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales
     python -m csm_jax.csm export SRC DST [--dtype float16]   # any checkpoint -> transformers CSM dir
-        (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them)
+        (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them; generation_config.json)
 
 CKPT and SRC are anything `csm_jax.load_csm` reads (hub ids such as sesame/csm-1b included); CKPT defaults to
-$CSM_JAX_CSM, else the built-in default voice (`csm_jax.default_model`).
+$CSM_JAX_CSM, else the built-in default voice (`csm_jax.default_model`). Sampling left out is the model's
+(`generation_config.json`, else 0.9 / top 50).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -30,6 +32,7 @@ from csm_jax.csm.generator import Segment, load_csm
 from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.csm.quantize import MODES as QUANTIZE_MODES
 from csm_jax.csm.quantize import quantize_params
+from csm_jax.csm.sampling import GENERATION_CONFIG
 from csm_jax.csm.weights import HUB_FILES, load_csm_params, save_converted
 from csm_jax.default_model import VOICE_DIR
 
@@ -54,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--speaker", type=int, default=0)
     g.add_argument("--context", action="append", default=[], help="speaker:transcript:path.wav (repeatable)")
     g.add_argument("--max-audio-ms", type=int, default=10_000)
-    g.add_argument("--temperature", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=None, help="default: the model's (generation_config.json)")
+    g.add_argument("--top-k", type=int, default=None, help="default: the model's; 1 is greedy")
+    g.add_argument("--depth-temperature", type=float, default=None,
+                   help="codebooks 1..K-1 (default: --temperature if given, else the model's)")
+    g.add_argument("--depth-top-k", type=int, default=None, help="codebooks 1..K-1 (default: as --depth-temperature)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-codebooks", type=int, default=None)
     c = sub.add_parser("convert", help="write a converted orbax checkpoint")
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             src = ckpt if ckpt.is_dir() else ckpt.parent
             extra = {PROMPT_FILE: (src / PROMPT_FILE).read_text()} if (src / PROMPT_FILE).is_file() else {}
             out = export_transformers(gen.params, gen.cfg, args.output, codec=gen.codec, tokenizer=gen.tokenizer,
-                                      dtype=args.dtype, extra_files=extra)
+                                      dtype=args.dtype, extra_files=extra, sampling=gen.sampling)
             print(f"wrote {out}")
             return 0
         if args.command == "convert":
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             if (src / "tokenizer.json").is_file():
                 shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
             gen = load_csm(ckpt)
+            (out / GENERATION_CONFIG).write_text(json.dumps(gen.sampling.generation_config(), indent=2) + "\n")
             if gen.codec is not None:
                 gen.codec.save(out / "codec")
             print(f"wrote {out}")
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         context = [_segment(spec) for spec in args.context]
         gen = load_csm(ckpt, num_codebooks=args.num_codebooks)
         audio = gen.generate(args.text, args.speaker, context, args.max_audio_ms, args.temperature, args.top_k,
-                             args.seed)
+                             args.seed, depth_temperature=args.depth_temperature, depth_top_k=args.depth_top_k)
         sf.write(args.out, audio, 24_000, subtype="PCM_16")
         print(f"{len(audio) / 24_000:.2f} s of audio -> {args.out}")
         return 0

@@ -38,8 +38,10 @@ class DecodeState:
     mask: jax.Array  # bool [B, K+1]
     positions: jax.Array  # int32 [B]
     keys: jax.Array  # PRNG key data uint32 [B, 2]
-    temperature: jax.Array  # float32 [B]
-    top_k: jax.Array  # int32 [B]
+    temperature: jax.Array  # float32 [B]: codebook 0
+    top_k: jax.Array  # int32 [B]: codebook 0
+    depth_temperature: jax.Array  # float32 [B]: codebooks 1..K-1
+    depth_top_k: jax.Array  # int32 [B]: codebooks 1..K-1
     code_limit: jax.Array  # int32 [B]: audio codes are sampled from [0, code_limit) (the codec's range)
     done: jax.Array  # bool [B]
 
@@ -47,8 +49,8 @@ class DecodeState:
 def _state_kinds(num_layers: int) -> DecodeState:
     """A DecodeState-shaped tree naming each field's STATE_AXES entry."""
     return DecodeState(caches=[{"k": "cache", "v": "cache"} for _ in range(num_layers)], tokens="row", mask="row",
-                       positions="vector", keys="row", temperature="vector", top_k="vector", code_limit="vector",
-                       done="vector")
+                       positions="vector", keys="row", temperature="vector", top_k="vector",
+                       depth_temperature="vector", depth_top_k="vector", code_limit="vector", done="vector")
 
 
 def bucket(length: int, max_len: int) -> int:
@@ -132,6 +134,8 @@ class Engine:
             keys=jnp.zeros((b, 2), jnp.uint32),
             temperature=jnp.ones((b,), jnp.float32),
             top_k=jnp.ones((b,), jnp.int32),
+            depth_temperature=jnp.ones((b,), jnp.float32),
+            depth_top_k=jnp.ones((b,), jnp.int32),
             code_limit=jnp.full((b,), self.cfg.audio_vocab_size, jnp.int32),
             done=jnp.ones((b,), bool),
         )
@@ -142,7 +146,8 @@ class Engine:
 
     def _prefill_impl(self, params: Any, state: DecodeState, tokens: jax.Array, mask: jax.Array,
                       lengths: jax.Array, rows: jax.Array, seeds: jax.Array, temperature: jax.Array,
-                      top_k: jax.Array, code_limit: jax.Array) -> DecodeState:
+                      top_k: jax.Array, depth_temperature: jax.Array, depth_top_k: jax.Array,
+                      code_limit: jax.Array) -> DecodeState:
         """Write prompts tokens/mask [R, S, K+1] (lengths [R]) into rows `rows` [R] of the state.
         Positions 0..len-2 are cached; the last prompt row becomes the first frame step's input."""
         r, s = tokens.shape[:2]
@@ -159,6 +164,8 @@ class Engine:
             keys=state.keys.at[rows].set(jax.vmap(lambda s: jax.random.key_data(jax.random.key(s)))(seeds)),
             temperature=state.temperature.at[rows].set(temperature),
             top_k=state.top_k.at[rows].set(top_k),
+            depth_temperature=state.depth_temperature.at[rows].set(depth_temperature),
+            depth_top_k=state.depth_top_k.at[rows].set(depth_top_k),
             code_limit=state.code_limit.at[rows].set(code_limit),
             done=state.done.at[rows].set(False),
         )
@@ -185,7 +192,8 @@ class Engine:
         dpos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (b, 2))
         dh, dcache = self._apply(params, Csm.decoder_step, first, dpos, dcache)
         codes = jnp.zeros((b, k_gen), jnp.int32).at[:, 0].set(c0)
-        c1 = sample(self._apply(params, Csm.audio_logits, dh[:, -1], 1), keys[:, 1], state.temperature, state.top_k)
+        c1 = sample(self._apply(params, Csm.audio_logits, dh[:, -1], 1), keys[:, 1], state.depth_temperature,
+                    state.depth_top_k)
         codes = codes.at[:, 1].set(c1)
 
         def body(i: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
@@ -195,7 +203,7 @@ class Engine:
             pos = jnp.full((b, 1), i, jnp.int32)
             dh, dcache = self._apply(params, Csm.decoder_step, x, pos, dcache)
             logits = self._apply(params, Csm.audio_logits, dh[:, 0], i)
-            ci = sample(logits, jax.vmap(lambda ks: ks[i])(keys), state.temperature, state.top_k)
+            ci = sample(logits, jax.vmap(lambda ks: ks[i])(keys), state.depth_temperature, state.depth_top_k)
             return dcache, codes.at[:, i].set(ci)
 
         _, codes = jax.lax.fori_loop(2, k_gen, body, (dcache, codes))
@@ -213,6 +221,8 @@ class Engine:
             keys=jax.vmap(lambda ks: jax.random.key_data(ks[-1]))(keys),
             temperature=state.temperature,
             top_k=state.top_k,
+            depth_temperature=state.depth_temperature,
+            depth_top_k=state.depth_top_k,
             code_limit=state.code_limit,
             done=state.done | eos,
         )
@@ -221,10 +231,15 @@ class Engine:
     # host API ------------------------------------------------------------------------------------------
     def prefill(self, state: DecodeState, rows: list[int], prompts: list[tuple[np.ndarray, np.ndarray]],
                 seeds: list[int], temperature: list[float], top_k: list[int],
-                code_limit: list[int] | None = None) -> DecodeState:
-        """Insert prompts (tokens int [S_i, K+1], mask bool [S_i, K+1]) into `rows` of `state`. `code_limit`
-        restricts sampled audio codes to [0, limit) per row (default: the whole audio vocab)."""
+                code_limit: list[int] | None = None, depth_temperature: list[float] | None = None,
+                depth_top_k: list[int] | None = None) -> DecodeState:
+        """Insert prompts (tokens int [S_i, K+1], mask bool [S_i, K+1]) into `rows` of `state`. `temperature`,
+        `top_k`: codebook 0's sampling per row; `depth_temperature`, `depth_top_k`: codebooks 1..K-1's (default:
+        the same). `code_limit` restricts sampled audio codes to [0, limit) per row (default: the whole audio
+        vocab)."""
         code_limit = code_limit or [self.cfg.audio_vocab_size] * len(rows)
+        depth_temperature = temperature if depth_temperature is None else depth_temperature
+        depth_top_k = top_k if depth_top_k is None else depth_top_k
         lengths = [len(t) for t, _ in prompts]
         s = bucket(max(lengths), self.max_seq_len)
         k1 = self.cfg.num_codebooks + 1
@@ -235,7 +250,8 @@ class Engine:
         return self._prefill(
             self.params, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths, jnp.int32),
             jnp.asarray(rows, jnp.int32), jnp.asarray(seeds, jnp.uint32), jnp.asarray(temperature, jnp.float32),
-            jnp.asarray(top_k, jnp.int32), jnp.asarray(code_limit, jnp.int32),
+            jnp.asarray(top_k, jnp.int32), jnp.asarray(depth_temperature, jnp.float32),
+            jnp.asarray(depth_top_k, jnp.int32), jnp.asarray(code_limit, jnp.int32),
         )
 
     def traced_step(self, params: Any, state: DecodeState) -> tuple[DecodeState, jax.Array]:

@@ -29,13 +29,14 @@ from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
 from csm_jax.csm.config import CsmConfig, LlamaConfig
 from csm_jax.csm.prompt import BOS, EOS
+from csm_jax.csm.sampling import GENERATION_CONFIG, Sampling
 from csm_jax.csm.weights import _HF_AUDIO_KEYS, _entries, abstract_params
 from csm_jax.weights import invert
 
 DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
 CODEC_PREFIX = "codec_model."
 AUDIO_KEY = _HF_AUDIO_KEYS[1]  # the tied audio embedding's key as transformers 5 saves it
-RESERVED = ("config.json", "model.safetensors", "tokenizer.json")
+RESERVED = ("config.json", "model.safetensors", "tokenizer.json", GENERATION_CONFIG)
 AUDIO, AUDIO_EOS = "<|AUDIO|>", "<|audio_eos|>"  # the CsmProcessor's audio placeholder tokens
 
 
@@ -112,13 +113,15 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 def export_transformers(params: Any, cfg: CsmConfig, out_dir: str | Path, *, codec: MimiCodec | None = None,
                         tokenizer: Tokenizer | None = None, dtype: str = "float32",
-                        extra_files: Mapping[str, str] | None = None) -> Path:
+                        extra_files: Mapping[str, str] | None = None, sampling: Sampling | None = None) -> Path:
     """Write the CSM to the new or empty directory `out_dir`; returns its path.
 
     `codec`: written under `codec_model.` (its config as `codec_config`); it must have at least `num_codebooks`
     quantizers. `tokenizer`: saved as tokenizer.json, its special token ids put in the config. `dtype`: "float32",
     "float16" or "bfloat16", for every tensor (codec included; `load_csm` reads them back as float32).
-    `extra_files`: file name -> text (e.g. "prompt.json"). Everything is checked before anything is written.
+    `extra_files`: file name -> text (e.g. "prompt.json"). `sampling`: the model's sampling settings, written as
+    transformers' `generation_config.json` (its `generate` and `load_csm` use them). Everything is checked before
+    anything is written.
     A model with `cfg.input_codebooks` set keeps it in config.json, where transformers ignores it (it embeds every
     codebook): such a directory generates as it was trained only in csm-jax.
     """
@@ -148,6 +151,8 @@ def export_transformers(params: Any, cfg: CsmConfig, out_dir: str | Path, *, cod
     save_file(cast, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_json is not None:
         (out_dir / "tokenizer.json").write_text(tokenizer_json)
+    if sampling is not None:
+        (out_dir / GENERATION_CONFIG).write_text(json.dumps(sampling.generation_config(), indent=2) + "\n")
     for name, text in extra_files.items():
         (out_dir / name).write_text(text)
     return out_dir

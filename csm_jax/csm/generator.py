@@ -5,6 +5,10 @@
     for chunk in gen.stream("Hello there.", speaker=0):   # float32 [1920] per 80 ms frame, first after one frame
         ...
     codes = gen.generate_codes(tokens, mask, max_frames=50, temperature=0.9, top_k=50, seed=0)
+
+Sampling settings left out (None) come from `gen.sampling`: the model directory's `generation_config.json`, or the
+CSM reference's 0.9 / top 50. A `temperature` or `top_k` given without `depth_temperature` / `depth_top_k` applies to
+every codebook (`Sampling.override`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.engine import Engine
 from csm_jax.csm.frontend import TextFrontend
 from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat, read_prompt_settings
+from csm_jax.csm.sampling import Sampling, read_sampling
 from csm_jax.csm.weights import HUB_FILES, load_csm_params
 
 FRAME_MS = 80
@@ -46,13 +51,15 @@ class Segment:
 
 
 class Generator:
-    """CSM + Mimi: text and context -> codes -> audio. Compiled engines are cached per batch size."""
+    """CSM + Mimi: text and context -> codes -> audio. Compiled engines are cached per batch size. `sampling`:
+    the default sampling settings (`csm_jax.csm.sampling.Sampling`)."""
 
     def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
                  tokenizer: Tokenizer | None = None, num_codebooks: int | None = None, mesh: Mesh | None = None,
                  rules: sharding.Rules = sharding.DEFAULT_RULES, frontend: str | TextFrontend | None = None,
-                 max_context_turns: int = 16):
+                 max_context_turns: int = 16, sampling: Sampling | None = None):
         self.cfg, self.codec, self.tokenizer = cfg, codec, tokenizer
+        self.sampling = Sampling() if sampling is None else sampling  # the defaults of every generate call
         self.format = None if tokenizer is None else PromptFormat(tokenizer, cfg.num_codebooks, cfg.audio_vocab_size,
                                                                    frontend, max_context_turns)
         self.mesh, self.rules = mesh, rules
@@ -111,8 +118,16 @@ class Generator:
         return concat(parts)
 
     # codes ---------------------------------------------------------------------------------------------
-    def _check(self, tokens: Any, mask: Any, max_frames: int, temperature: float, top_k: int, seed: int
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def resolve_sampling(self, temperature: float | None = None, top_k: int | None = None,
+                         depth_temperature: float | None = None, depth_top_k: int | None = None) -> Sampling:
+        """`self.sampling` with the given settings in place (`Sampling.override`), checked against the vocab."""
+        s = self.sampling.override(temperature, top_k, depth_temperature, depth_top_k)
+        for name in ("top_k", "depth_top_k"):
+            if getattr(s, name) > self.cfg.audio_vocab_size:
+                raise ValueError(f"{name} must be an int in 1..{self.cfg.audio_vocab_size}, got {getattr(s, name)!r}")
+        return s
+
+    def _check(self, tokens: Any, mask: Any, max_frames: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         cfg = self.cfg
         k = cfg.num_codebooks
         tokens, mask = np.asarray(tokens), np.asarray(mask)
@@ -125,11 +140,6 @@ class Generator:
                              f"got {list(tokens.shape)} and {list(mask.shape)}")
         if isinstance(max_frames, bool) or not isinstance(max_frames, int | np.integer) or max_frames < 1:
             raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-                np.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k <= cfg.audio_vocab_size:
-            raise ValueError(f"top_k must be an int in 1..{cfg.audio_vocab_size}, got {top_k!r}")
         batch = (tokens[None], mask[None]) if tokens.ndim == 2 else (tokens, mask)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**32 - len(batch[0]):
             raise ValueError(f"seed must be an int in [0, 2**32 - batch size], got {seed!r}")
@@ -154,14 +164,15 @@ class Generator:
     def engine_max_len(self) -> int:
         return self.cfg.backbone.max_seq_len
 
-    def _frames(self, prompts: list[tuple[np.ndarray, np.ndarray]], max_frames: int, temperature: float,
-                top_k: int, seed: int, code_limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _frames(self, prompts: list[tuple[np.ndarray, np.ndarray]], max_frames: int, sampling: Sampling,
+                seed: int, code_limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (codes int32 [B, K'], live bool [B]) per frame; a row stops at its first all-zero frame."""
         b = len(prompts)
         eng = self.engine(b)
         limit = [code_limit or self.cfg.audio_vocab_size] * b
         state = eng.prefill(eng.init_state(), list(range(b)), prompts, seeds=[seed + i for i in range(b)],
-                            temperature=[temperature] * b, top_k=[top_k] * b, code_limit=limit)
+                            temperature=[sampling.temperature] * b, top_k=[sampling.top_k] * b, code_limit=limit,
+                            depth_temperature=[sampling.depth_temperature] * b, depth_top_k=[sampling.depth_top_k] * b)
         live = np.ones(b, bool)
         for _ in range(max_frames):
             state, codes = eng.step(state)
@@ -171,17 +182,20 @@ class Generator:
                 return
             yield codes, live.copy()
 
-    def generate_codes(self, tokens: Any, mask: Any, max_frames: int, temperature: float = 0.9, top_k: int = 50,
-                       seed: int = 0, code_limit: int | None = None) -> np.ndarray | list[np.ndarray]:
+    def generate_codes(self, tokens: Any, mask: Any, max_frames: int, temperature: float | None = None,
+                       top_k: int | None = None, seed: int = 0, code_limit: int | None = None, *,
+                       depth_temperature: float | None = None, depth_top_k: int | None = None
+                       ) -> np.ndarray | list[np.ndarray]:
         """tokens int [S, K+1], mask bool [S, K+1] (column K is text) -> int32 codes [T, K'] (K' = num_codebooks),
         stopping at the all-zero frame (not kept) or after max_frames. Batched [B, S, K+1] (trailing all-masked
         rows are padding) -> a list of B arrays; row i samples with seed + i. `code_limit` restricts sampled codes
         to [0, code_limit) (the audio APIs use the codec's codebook size; default: the whole audio vocab)."""
-        prompts = self._check(tokens, mask, max_frames, temperature, top_k, seed)
+        sampling = self.resolve_sampling(temperature, top_k, depth_temperature, depth_top_k)
+        prompts = self._check(tokens, mask, max_frames, seed)
         if code_limit is not None and not (isinstance(code_limit, int) and 1 <= code_limit <= self.cfg.audio_vocab_size):
             raise ValueError(f"code_limit must be an int in 1..{self.cfg.audio_vocab_size}, got {code_limit!r}")
         out: list[list[np.ndarray]] = [[] for _ in prompts]
-        for codes, live in self._frames(prompts, max_frames, temperature, top_k, seed, code_limit):
+        for codes, live in self._frames(prompts, max_frames, sampling, seed, code_limit):
             for i in np.flatnonzero(live):
                 out[i].append(codes[i])
         stacked = [np.stack(o) if o else np.zeros((0, self.num_codebooks), np.int32) for o in out]
@@ -189,23 +203,27 @@ class Generator:
 
     # audio ---------------------------------------------------------------------------------------------
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
-               temperature: float = 0.9, top_k: int = 50, seed: int = 0) -> Iterator[np.ndarray]:
+               temperature: float | None = None, top_k: int | None = None, seed: int = 0, *,
+               depth_temperature: float | None = None, depth_top_k: int | None = None) -> Iterator[np.ndarray]:
         """Float32 audio chunks [1920] at 24 kHz, one per generated frame, decoded by the streaming codec.
         Inputs are validated (and the prompt encoded) before this returns, so errors surface at the call."""
         if self.codec is None:
             raise ValueError("no codec loaded: audio output needs the Mimi weights")
         tokens, mask = self.prompt(text, speaker, context)
+        sampling = self.resolve_sampling(temperature, top_k, depth_temperature, depth_top_k)
         max_frames = max(1, int(max_audio_ms) // FRAME_MS)
-        prompts = self._check(tokens, mask, max_frames, temperature, top_k, seed)
+        prompts = self._check(tokens, mask, max_frames, seed)
         decoder = self.codec.stream_decoder(1)
         limit = self.codec.config.codebook_size  # CSM's vocab has special ids past the codec's range
-        frames = self._frames(prompts, max_frames, temperature, top_k, seed, limit)
+        frames = self._frames(prompts, max_frames, sampling, seed, limit)
         return (np.asarray(decoder.step(codes))[0] for codes, _ in frames)
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
-                 temperature: float = 0.9, top_k: int = 50, seed: int = 0) -> np.ndarray:
+                 temperature: float | None = None, top_k: int | None = None, seed: int = 0, *,
+                 depth_temperature: float | None = None, depth_top_k: int | None = None) -> np.ndarray:
         """float32 [N] at 24 kHz (N = 1920 * frames)."""
-        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, top_k, seed))
+        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, top_k, seed,
+                                  depth_temperature=depth_temperature, depth_top_k=depth_top_k))
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
 
@@ -213,10 +231,10 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
              dtype: str | None = None, mesh: Mesh | None = None,
              rules: sharding.Rules = sharding.DEFAULT_RULES, quantize: str | None = None,
              backend: Mapping[str, Any] | PolicyOverrides | None = None) -> Generator:
-    """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json` and `codec_model.*` when
-    present), an original Sesame checkpoint, or a converted dir, each local or a hub repo id `org/name[@revision]`
-    (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or anything `load_codec` reads, hub ids
-    included) overrides where Mimi comes from.
+    """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json`, `generation_config.json`
+    and `codec_model.*` when present), an original Sesame checkpoint, or a converted dir, each local or a hub repo id
+    `org/name[@revision]` (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or anything
+    `load_codec` reads, hub ids included) overrides where Mimi comes from.
     `dtype`: the compute dtype (float32, bfloat16); parameters are stored in it (cast once here).
     `quantize="int8"`: int8 weight-only quantisation of the projections and heads (`csm_jax.csm.quantize`),
     computing in `dtype` (default: the backend policy's); a checkpoint converted with `--quantize int8` is already
@@ -256,7 +274,7 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
                           f"{cfg.num_codebooks}; audio APIs are disabled (pass codec=...)", stacklevel=2)
             codec = None
     try:
-        prompt = read_prompt_settings(root)
+        prompt, sampling = read_prompt_settings(root), read_sampling(root)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules, **prompt)
+    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules, **prompt, sampling=sampling)

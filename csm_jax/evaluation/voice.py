@@ -49,13 +49,15 @@ from csm_jax.evaluation.speaker import feature_scale, speaker_distance, speaker_
 @dataclass(frozen=True)
 class VoiceEvalConfig:
     """sentences: how many held-out sentences (the first ones of heldout.txt); reference: the eSpeak NG voice of
-    the yardstick rendering; sampling settings as the server's defaults; reading_pairs: held-out pairs of the
-    reading profile (0: none); source_pairs: held-out pairs of the code-source WERs (0: none)."""
+    the yardstick rendering; sampling settings (None: the model's, `Generator.sampling`); reading_pairs: held-out
+    pairs of the reading profile (0: none); source_pairs: held-out pairs of the code-source WERs (0: none)."""
 
     sentences: int = 60
     max_audio_ms: int = 10_000
-    temperature: float = 0.9
-    top_k: int = 50
+    temperature: float | None = None  # sampling: None keeps the model's (`Generator.sampling`)
+    top_k: int | None = None
+    depth_temperature: float | None = None
+    depth_top_k: int | None = None
     seed: int = 0
     reference: str = "en-us"
     reading_pairs: int = 24
@@ -109,7 +111,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
             prompt = voices[voice_a][i % len(voices[voice_a])]
             other = voices[voice_b][i % len(voices[voice_b])]
             audio = gen.generate(text, 0, [Segment(0, prompt.text, audio_of[prompt.audio])], cfg.max_audio_ms,
-                                 cfg.temperature, cfg.top_k, cfg.seed + i)
+                                 cfg.temperature, cfg.top_k, cfg.seed + i, depth_temperature=cfg.depth_temperature,
+                                 depth_top_k=cfg.depth_top_k)
             ref_path = synthesise(Voice("espeak-ng", cfg.reference), text, Path(tmp) / f"ref_{i}.wav")
             reference = load_audio(ref_path)
             f_out = speaker_features(audio) if audio.size else np.full_like(feats[prompt.audio], np.nan)
@@ -138,7 +141,9 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
               "duration_in_range": float(np.mean((ratios >= 0.5) & (ratios <= 2.0))),
               "ended": float(np.mean([it["ended"] for it in items])),
               "prompting_accuracy": float(np.mean([it["prompted"] for it in items])),
-              "pairs": len(items), "sentences": len(sentences), "voices": len(ids), "config": asdict(cfg)}
+              "pairs": len(items), "sentences": len(sentences), "voices": len(ids), "config": asdict(cfg),
+              "sampling": asdict(gen.resolve_sampling(cfg.temperature, cfg.top_k, cfg.depth_temperature,
+                                                      cfg.depth_top_k))}
     result["wer_gap"] = result["wer_generated"] - result["wer_reference"]
     if ceiling:
         result["prompting_ceiling"] = float(np.mean(ceiling))

@@ -94,8 +94,13 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationDefaults:
-    temperature: float = 0.9
-    top_k: int = 50
+    """Sampling of requests that leave it out; None: the model's (its `generation_config.json`, or 0.9 / top 50).
+    `temperature` / `top_k` without their `depth_` counterparts apply to every codebook."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    depth_temperature: float | None = None
+    depth_top_k: int | None = None
     max_audio_ms: int = 10_000
 
 

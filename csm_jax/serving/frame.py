@@ -114,17 +114,20 @@ class ServingFrame:
         return codes, pcm
 
     def prefill(self, rows: list[int], prompts: list[tuple[np.ndarray, np.ndarray]], seeds: list[int],
-                temperature: list[float], top_k: list[int], code_limit: list[int] | None = None) -> None:
+                temperature: list[float], top_k: list[int], code_limit: list[int] | None = None,
+                depth_temperature: list[float] | None = None, depth_top_k: list[int] | None = None) -> None:
         """Start requests in `rows` (prompts tokens int [S_i, K+1], mask bool [S_i, K+1]) with one batched prefill,
-        their Mimi streams restarted."""
+        their Mimi streams restarted. Sampling as `Engine.prefill` (depth settings default to codebook 0's)."""
         n = len(rows)
         if not n or len(prompts) != n:
             raise ValueError(f"need one prompt per row, got {len(prompts)} prompts for {n} rows")
         pad = self.bucket(n) - n
         limit = code_limit or [self.codec.config.codebook_size] * n
         pick = lambda xs: list(xs) + [xs[0]] * pad
+        depth_temperature = temperature if depth_temperature is None else depth_temperature
+        depth_top_k = top_k if depth_top_k is None else depth_top_k
         self.state = self.engine.prefill(self.state, pick(rows), pick(prompts), pick(seeds), pick(temperature),
-                                         pick(top_k), pick(limit))
+                                         pick(top_k), pick(limit), pick(depth_temperature), pick(depth_top_k))
         fresh = np.zeros((self.batch_size,), bool)
         fresh[rows] = True
         self.decoder_state = restart_rows(self._fresh_decoder, self.decoder_state,

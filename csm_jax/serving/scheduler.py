@@ -55,6 +55,8 @@ class Request:
     seed: int
     on_frame: Callable[[np.ndarray], None]
     on_done: Callable[[Result], None]
+    depth_temperature: float | None = None  # codebooks 1..K-1 (None: `temperature`)
+    depth_top_k: int | None = None  # codebooks 1..K-1 (None: `top_k`)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -166,7 +168,10 @@ class Scheduler:
         rows = [row for row, _ in admitted]
         reqs = [req for _, req in admitted]
         self.frames.prefill(rows, [(r.tokens, r.mask) for r in reqs], [r.seed for r in reqs],
-                            [r.temperature for r in reqs], [r.top_k for r in reqs])
+                            [r.temperature for r in reqs], [r.top_k for r in reqs],
+                            depth_temperature=[r.temperature if r.depth_temperature is None else r.depth_temperature
+                                               for r in reqs],
+                            depth_top_k=[r.top_k if r.depth_top_k is None else r.depth_top_k for r in reqs])
         self.prefills += 1
         for row, req in admitted:
             self._slots[row] = _Slot(req, [])

@@ -17,6 +17,7 @@ import numpy as np
 from csm_jax.conversation import ContextFull, ConversationManager, UnknownConversation
 from csm_jax.conversation.manager import Prompt
 from csm_jax.csm.generator import FRAME_MS, Generator
+from csm_jax.csm.sampling import Sampling
 from csm_jax.dialogue.responder import Responder
 from csm_jax.dialogue.transcriber import Transcriber
 from csm_jax.serving.config import ServeConfig
@@ -26,6 +27,7 @@ from csm_jax.serving.scheduler import Request, Result, Scheduler
 
 log = logging.getLogger("csm_jax.serving")
 PROTOCOL_VERSION = 1
+SAMPLING_FIELDS = ("temperature", "top_k", "depth_temperature", "depth_top_k")  # optional request fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +37,7 @@ class SpeechParams:
     text: str
     speaker: int
     max_frames: int
-    temperature: float
-    top_k: int
+    sampling: Sampling
     seed: int
 
 
@@ -76,9 +77,12 @@ class Service:
     connections: int = 0  # open WebSockets
     metrics: ServerMetrics = dataclasses.field(init=False)
     clients: ClientBudgets = dataclasses.field(init=False)
+    defaults: Sampling = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        lim = self.config.limits
+        lim, g = self.config.limits, self.config.generation
+        # the sampling of requests that leave it out: the model's, with the server config's settings in place
+        self.defaults = self.generator.resolve_sampling(g.temperature, g.top_k, g.depth_temperature, g.depth_top_k)
         self.metrics = ServerMetrics(lambda: self.scheduler.active, lambda: self.scheduler.queued,
                                      lambda: self.connections, self.scheduler.counts)
         self.clients = ClientBudgets(lim.requests_per_min, lim.request_burst)
@@ -88,7 +92,7 @@ class Service:
         return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": self.generator.codec.sample_rate,
                 "frame_samples": self.generator.codec.frame_size, "num_codebooks": self.generator.num_codebooks,
                 "model": self.model_name, "limits": dataclasses.asdict(self.config.limits),
-                "defaults": dataclasses.asdict(self.config.generation)}
+                "defaults": dataclasses.asdict(self.defaults) | {"max_audio_ms": self.config.generation.max_audio_ms}}
 
     def error(self, code: str) -> None:
         self.metrics.errors.labels(code).inc()
@@ -108,12 +112,14 @@ class Service:
         return self.sampling(msg, text, speaker)
 
     def sampling(self, msg: dict[str, Any], text: str, speaker: int) -> SpeechParams:
-        """`text` by `speaker` with the sampling fields of `msg` (`max_audio_ms`, `temperature`, `top_k`, `seed`)."""
-        gen, defaults, lim = self.generator, self.config.generation, self.config.limits
-        max_ms = int_field(msg, "max_audio_ms", FRAME_MS, lim.max_audio_ms, min(defaults.max_audio_ms,
+        """`text` by `speaker` with the sampling fields of `msg` (`max_audio_ms`, `temperature`, `top_k`,
+        `depth_temperature`, `depth_top_k`, `seed`); `Sampling.override` fills the gaps from `self.defaults`."""
+        vocab, lim = self.generator.cfg.audio_vocab_size, self.config.limits
+        max_ms = int_field(msg, "max_audio_ms", FRAME_MS, lim.max_audio_ms, min(self.config.generation.max_audio_ms,
                                                                                  lim.max_audio_ms))
-        return SpeechParams(text, speaker, max_ms // FRAME_MS, float_field(msg, "temperature", defaults.temperature),
-                            int_field(msg, "top_k", 1, gen.cfg.audio_vocab_size, defaults.top_k),
+        given = {name: (float_field(msg, name, 1.0) if name.endswith("temperature") else
+                        int_field(msg, name, 1, vocab)) for name in SAMPLING_FIELDS if name in msg}
+        return SpeechParams(text, speaker, max_ms // FRAME_MS, self.defaults.override(**given),
                             int_field(msg, "seed", 0, 2**32 - 1, secrets.randbelow(2**31)))
 
     def check_queue(self) -> None:
@@ -140,8 +146,10 @@ class Service:
             frames.inc()
             on_frame(pcm)
 
-        request = Request(prompt.tokens, prompt.mask, params.max_frames, params.temperature, params.top_k,
-                          params.seed, on_frame=frame, on_done=on_done)
+        s = params.sampling
+        request = Request(prompt.tokens, prompt.mask, params.max_frames, s.temperature, s.top_k, params.seed,
+                          on_frame=frame, on_done=on_done, depth_temperature=s.depth_temperature,
+                          depth_top_k=s.depth_top_k)
         self.scheduler.submit(request)
         return request
 

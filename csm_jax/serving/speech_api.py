@@ -30,7 +30,7 @@ STREAMED = {"wav": "audio/wav", "pcm": "audio/pcm"}
 ENCODED = {"flac": ("FLAC", "PCM_16", "audio/flac"), "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
            "opus": ("OGG", "OPUS", "audio/ogg")}
 FIELDS = {"model", "input", "voice", "response_format", "speed", "stream_format", "instructions", "seed",
-          "temperature", "top_k", "max_audio_ms"}
+          "temperature", "top_k", "depth_temperature", "depth_top_k", "max_audio_ms"}
 STATUS = {"rate_limited": 429, "overloaded": 503, "unauthorized": 401, "forbidden": 403, "too_large": 413,
           "internal": 500}
 ERROR_TYPES = {429: "rate_limit_error", 401: "authentication_error", 500: "server_error", 503: "server_error"}

@@ -23,7 +23,7 @@ from csm_jax.dialogue.transcriber import TranscriptionError
 from csm_jax.dialogue.turn_taking import Event, SpeechDetector
 from csm_jax.serving.audio_turn import AudioTurn
 from csm_jax.serving.fields import ProtocolError
-from csm_jax.serving.service import SpeechParams
+from csm_jax.serving.service import SAMPLING_FIELDS, SpeechParams
 
 if TYPE_CHECKING:
     from csm_jax.serving.protocol import Connection
@@ -212,4 +212,4 @@ class Talk:
     @staticmethod
     def fields(msg: dict[str, Any]) -> dict[str, Any]:
         """The sampling fields of a `talk.start`, for the replies."""
-        return {k: msg[k] for k in ("max_audio_ms", "temperature", "top_k", "seed") if k in msg}
+        return {k: msg[k] for k in ("max_audio_ms", *SAMPLING_FIELDS, "seed") if k in msg}
