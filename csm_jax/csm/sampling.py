@@ -136,4 +136,3 @@ def read_sampling(directory: str | Path) -> Sampling:
         return Sampling.from_generation_config(config)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path}: {e}") from e
-
