@@ -16,7 +16,6 @@ $CSM_JAX_CSM, else the built-in default voice (`csm_jax.default_model`). Samplin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -32,7 +31,6 @@ from csm_jax.csm.generator import Segment, load_csm
 from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.csm.quantize import MODES as QUANTIZE_MODES
 from csm_jax.csm.quantize import quantize_params
-from csm_jax.csm.sampling import GENERATION_CONFIG
 from csm_jax.csm.weights import HUB_FILES, load_csm_params, save_converted
 from csm_jax.default_model import VOICE_DIR
 
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             if (src / "tokenizer.json").is_file():
                 shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
             gen = load_csm(ckpt)
-            (out / GENERATION_CONFIG).write_text(json.dumps(gen.sampling.generation_config(), indent=2) + "\n")
+            gen.sampling.save(out)
             if gen.codec is not None:
                 gen.codec.save(out / "codec")
             print(f"wrote {out}")

@@ -152,7 +152,7 @@ def export_transformers(params: Any, cfg: CsmConfig, out_dir: str | Path, *, cod
     if tokenizer_json is not None:
         (out_dir / "tokenizer.json").write_text(tokenizer_json)
     if sampling is not None:
-        (out_dir / GENERATION_CONFIG).write_text(json.dumps(sampling.generation_config(), indent=2) + "\n")
+        sampling.save(out_dir)
     for name, text in extra_files.items():
         (out_dir / name).write_text(text)
     return out_dir

@@ -122,6 +122,13 @@ class Sampling:
         dt, dk = part("depth_decoder_", ref.depth_temperature, ref.depth_top_k)
         return cls(t, k, dt, dk)
 
+    def save(self, directory: str | Path) -> Path:
+        """Write these settings as `<directory>/generation_config.json` (`read_sampling` and transformers read it)
+        -> the file."""
+        path = Path(directory) / GENERATION_CONFIG
+        path.write_text(json.dumps(self.generation_config(), indent=2) + "\n")
+        return path
+
 
 def read_sampling(directory: str | Path) -> Sampling:
     """`<directory>/generation_config.json` as Sampling (the defaults when there is none); bad files raise

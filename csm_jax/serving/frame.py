@@ -123,9 +123,7 @@ class ServingFrame:
             raise ValueError(f"need one prompt per row, got {len(prompts)} prompts for {n} rows")
         pad = self.bucket(n) - n
         limit = code_limit or [self.codec.config.codebook_size] * n
-        pick = lambda xs: list(xs) + [xs[0]] * pad
-        depth_temperature = temperature if depth_temperature is None else depth_temperature
-        depth_top_k = top_k if depth_top_k is None else depth_top_k
+        pick = lambda xs: None if xs is None else list(xs) + [xs[0]] * pad
         self.state = self.engine.prefill(self.state, pick(rows), pick(prompts), pick(seeds), pick(temperature),
                                          pick(top_k), pick(limit), pick(depth_temperature), pick(depth_top_k))
         fresh = np.zeros((self.batch_size,), bool)

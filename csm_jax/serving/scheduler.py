@@ -60,6 +60,12 @@ class Request:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
+    def __post_init__(self) -> None:
+        if self.depth_temperature is None:
+            self.depth_temperature = self.temperature
+        if self.depth_top_k is None:
+            self.depth_top_k = self.top_k
+
     def cancel(self) -> None:
         self.cancelled.set()
 
@@ -169,9 +175,8 @@ class Scheduler:
         reqs = [req for _, req in admitted]
         self.frames.prefill(rows, [(r.tokens, r.mask) for r in reqs], [r.seed for r in reqs],
                             [r.temperature for r in reqs], [r.top_k for r in reqs],
-                            depth_temperature=[r.temperature if r.depth_temperature is None else r.depth_temperature
-                                               for r in reqs],
-                            depth_top_k=[r.top_k if r.depth_top_k is None else r.depth_top_k for r in reqs])
+                            depth_temperature=[r.depth_temperature for r in reqs],
+                            depth_top_k=[r.depth_top_k for r in reqs])
         self.prefills += 1
         for row, req in admitted:
             self._slots[row] = _Slot(req, [])
