@@ -51,6 +51,36 @@ def test_generate_and_convert(tmp_path_factory, tmp_path):
     np.testing.assert_array_equal(sf.read(out2, dtype="float32")[0], audio)
 
 
+def test_voice_presets_through_the_cli(tmp_path_factory, tmp_path, capsys):
+    ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
+    assert main(["voice", str(ckpt), "default", "--turn", f"hi there:{CLIP}", "--turn", f"how are you:{CLIP}"]) == 0
+    assert "voices: ['default']" in capsys.readouterr().out
+    gen = csm_jax.load_csm(ckpt)
+    clip = csm_jax.load_audio(CLIP)
+    preset = [csm_jax.Segment(0, "hi there", clip), csm_jax.Segment(0, "how are you", clip)]
+    args = ["--checkpoint", str(ckpt), "--text", "hello there", "--max-audio-ms", "800", "--seed", "3", "--top-k", "5"]
+    # the default preset prompts speaker 0 as those two turns given as context would; --no-voice leaves it out
+    for extra, context in (([], preset), (["--no-voice"], [])):
+        out = tmp_path / "v.wav"
+        assert main(["generate", "--out", str(out), *args, *extra]) == 0
+        expected = gen.generate("hello there", 0, context, max_audio_ms=800, top_k=5, seed=3, voice=None)
+        np.testing.assert_allclose(sf.read(out, dtype="float32")[0], np.clip(expected, -1, 1), atol=1.5 / 32768)
+    # convert and export carry the presets along
+    for command in ("convert", "export"):
+        assert main([command, str(ckpt), str(tmp_path / command)]) == 0
+        moved = csm_jax.load_csm(tmp_path / command).voices["default"]
+        assert [t for t, _ in moved.turns] == ["hi there", "how are you"]
+        np.testing.assert_allclose(moved.turns[1][1], gen.voices["default"].turns[1][1], atol=1e-6)
+    capsys.readouterr()
+    for argv, needle in ((["voice", str(ckpt), "bad name", "--turn", f"hi:{CLIP}"], "voice name"),
+                         (["voice", str(ckpt), "x", "--turn", "no-colon"], "transcript:path.wav"),
+                         (["voice", str(tmp_path / "nope"), "x", "--turn", f"hi:{CLIP}"], "not a model directory"),
+                         (["generate", "--out", str(tmp_path / "x.wav"), *args, "--voice", "nobody"], "unknown voice")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err, (argv, err)
+
+
 def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkeypatch):
     ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
     monkeypatch.delenv("CSM_JAX_CSM", raising=False)

@@ -41,7 +41,7 @@ def test_rows_and_context_rule() -> None:
     assert fmt.select_context([5, 50, 5], budget=20) == 1
     assert fmt.select_context([5, 5], budget=4) == 0
     assert fmt.with_context(0).select_context([1], budget=100) == 0
-    (rows, _), kept = fmt.conversation_rows([(ids, None), (None, codes), (ids, codes)], ids, budget=100)
+    (rows, _), kept, _ = fmt.conversation_rows([(ids, None), (None, codes), (ids, codes)], ids, budget=100)
     assert kept == 2 and len(rows) == 4 + len(ids) + 4 + len(ids)
     with pytest.raises(ValueError, match="text or audio"):
         fmt.turn_rows(None, None)

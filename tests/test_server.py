@@ -60,7 +60,8 @@ def test_say_streams_frames_and_matches_the_library(live_server: LiveServer, ref
     assert {k: ready["defaults"][k] for k in ("temperature", "top_k", "depth_temperature", "depth_top_k")} == \
         dataclasses.asdict(reference.sampling) == {"temperature": 0.9, "top_k": 50, "depth_temperature": 0.9,
                                                    "depth_top_k": 50}
-    assert started["id"] == done["id"] == "q1" and started["context_turns"] == 0
+    assert ready["voices"] == [] and ready["defaults"]["voice"] is None  # the random model has no voice presets
+    assert started["id"] == done["id"] == "q1" and started["context_turns"] == 0 and started["voice"] is None
     assert started["prompt_rows"] == text_rows("Hello there.", 0)
     assert done["stop_reason"] == "max_length" and done["frames"] == 8 == len(frames) and done["audio_ms"] == 640
     assert all(len(f) == FRAME_BYTES for f in frames)
@@ -198,6 +199,8 @@ BAD_INPUTS = [
     ({"type": "say", "text": "hi", "speaker": 0, "temperature": None}, "bad_field"),
     ({"type": "say", "text": "hi", "speaker": 0, "max_audio_ms": True}, "bad_field"),
     ({"type": "say", "text": "  ", "speaker": 0}, "bad_field"),
+    ({"type": "say", "text": "hi", "speaker": 0, "voice": "default"}, "bad_field"),  # the random model has none
+    ({"type": "say", "text": "hi", "speaker": 0, "voice": 3}, "bad_field"),
     ({"type": "say", "text": "x" * 1001, "speaker": 0}, "text_too_long"),
     ({"type": "audio.start", "speaker": 0, "sample_rate": 16000, "encoding": "mp9"}, "bad_field"),
     ({"type": "history", "limit": "all"}, "bad_field"),

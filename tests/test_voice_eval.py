@@ -12,6 +12,7 @@ import pytest
 
 from csm_jax import load_audio
 from csm_jax.csm.sampling import Sampling
+from csm_jax.csm.voices import VoicePreset
 from csm_jax.data.grammar import heldout
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
@@ -34,11 +35,13 @@ class Passthrough:
 
 
 class Speaker:
-    """Says `text` with a synthesiser: in the voice of its prompt (`follow=True`) or always in VOICES[0]."""
+    """Says `text` with a synthesiser: in the voice of its prompt (`follow=True`) or always in VOICES[0]. The
+    follower also has a default voice preset: with no context it speaks in VOICES[2]."""
 
     def __init__(self, voice_of: dict[str, Voice], out: Path, follow: bool) -> None:
         self.voice_of, self.out, self.follow, self.calls = voice_of, out, follow, 0
         self.codec = Passthrough()
+        self.voices = {"default": VoicePreset("default", (("Hi.", np.zeros(1920, np.float32)),))} if follow else {}
 
     def resolve_sampling(self, *given: Any) -> Sampling:
         return Sampling().override(*given)
@@ -46,8 +49,12 @@ class Speaker:
     def generate(self, text: str, speaker: int, context: Any, max_audio_ms: int, temperature: float | None,
                  top_k: int | None, seed: int, depth_temperature: float | None = None,
                  depth_top_k: int | None = None) -> np.ndarray:
-        assert speaker == 0 and len(context) == 1 and context[0].speaker == 0 and context[0].audio.ndim == 1
-        voice = self.voice_of[context[0].text] if self.follow else VOICES[0]
+        if not context:  # the default voice preset alone
+            assert self.voices and speaker == 0
+            voice = VOICES[2]
+        else:
+            assert speaker == 0 and len(context) == 1 and context[0].speaker == 0 and context[0].audio.ndim == 1
+            voice = self.voice_of[context[0].text] if self.follow else VOICES[0]
         self.calls += 1
         return load_audio(synthesise(voice, text, self.out / f"gen_{self.calls}.wav"))
 
@@ -71,7 +78,8 @@ def test_voice_prompting_and_intelligibility_are_measured(follow: bool, held_out
     gen = Speaker(voice_of, tmp_path, follow)
     cfg = VoiceEvalConfig(sentences=len(SENTENCES), reading_pairs=0, source_pairs=0)  # stand-ins: no model inside
     result = evaluate_voice(gen, SENTENCES, utterances, PROMPTS, cfg, tmp_path / "eval")
-    assert gen.calls == len(SENTENCES) == result["pairs"] and result["voices"] == len(VOICES)
+    assert gen.calls == len(SENTENCES) * (2 if follow else 1) and result["pairs"] == len(SENTENCES)
+    assert result["voices"] == len(VOICES)
     assert (tmp_path / "eval" / "voice_eval.json").is_file()
     assert len(list((tmp_path / "eval").glob("sample_*.wav"))) == len(SENTENCES)
     # Synthesisers speak clearly and end their turns; durations are near eSpeak NG's own.
@@ -82,7 +90,12 @@ def test_voice_prompting_and_intelligibility_are_measured(follow: bool, held_out
     if follow:
         assert result["prompting_accuracy"] >= 0.8, result["items"]
         assert abs(result["wer_gap"]) < 0.3
+        # the default voice alone, scored the same way
+        assert result["wer_default_voice"] < 0.5 and result["ended_default_voice"] == 1.0
+        assert 0.5 < result["duration_ratio_default_voice"] < 2.0
+        assert result["wer_gap_default_voice"] == result["wer_default_voice"] - result["wer_reference"]
     else:  # always the first voice: wrong whenever that voice is the one to tell the prompt from
+        assert "wer_default_voice" not in result  # no preset, nothing to measure
         assert result["prompting_accuracy"] < 0.8
         against_first = [it for it in result["items"] if it["other_voice"] == 0]
         assert against_first and not any(it["prompted"] for it in against_first), result["items"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+
 import numpy as np
 
 from csm_jax.conversation.store import Store, Turn, UnknownConversation
-from csm_jax.csm.prompt import PromptFormat
+from csm_jax.csm.prompt import PromptFormat, voice_applies
 
 
 class ContextFull(ValueError):
@@ -31,6 +33,7 @@ class Prompt:
     mask: np.ndarray
     context_turns: int
     rows: int
+    voice_turns: int = 0  # turns of a voice preset that lead the prompt
 
 
 class ConversationManager:
@@ -85,10 +88,12 @@ class ConversationManager:
             raise ValueError(f"turn {turn.turn_id} has neither text nor codes")
         return self.format.turn_rows(self._text_ids(turn), turn.codes)
 
-    def build_prompt(self, conversation_id: str | None, text: str, speaker: int, max_frames: int) -> Prompt:
+    def build_prompt(self, conversation_id: str | None, text: str, speaker: int, max_frames: int,
+                     voice: Sequence[tuple[str, np.ndarray]] = ()) -> Prompt:
         """History (none for `conversation_id` None) + the target `[speaker]text` rows, leaving room for
-        `max_frames` generated frames (the context rule of `PromptFormat.select_context`). Raises ContextFull when
-        the target alone does not fit."""
+        `max_frames` generated frames (the context rule of `PromptFormat.select_context`). `voice`: a preset's turns
+        (transcript, codes int [T, K']), spoken as `speaker` first when the recent turns hold no audio of
+        `speaker` (`voice_applies`; `PromptFormat.conversation_rows` places them). Raises ContextFull when the target alone does not fit."""
         if isinstance(max_frames, bool) or not isinstance(max_frames, int | np.integer) or max_frames < 1:
             raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
         target = self.format.text_rows(text, speaker)
@@ -98,6 +103,9 @@ class ConversationManager:
                               f"{self.max_seq_len}-position context by {-budget}")
         turns = self.format.max_context_turns
         history = self.history(conversation_id, turns) if turns and conversation_id is not None else []
-        (tokens, mask), kept = self.format.conversation_rows([(self._text_ids(t), t.codes) for t in history],
-                                                             self.format.text_ids(text, speaker), budget)
-        return Prompt(tokens, mask, kept, len(tokens))
+        reference = []
+        if voice and voice_applies([(t.speaker, t.codes is not None) for t in history], speaker):
+            reference = [(self.format.text_ids(text, speaker), codes) for text, codes in voice]
+        (tokens, mask), kept, voiced = self.format.conversation_rows(
+            [(self._text_ids(t), t.codes) for t in history], self.format.text_ids(text, speaker), budget, reference)
+        return Prompt(tokens, mask, kept, len(tokens), voiced)

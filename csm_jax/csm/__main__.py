@@ -2,15 +2,18 @@
 
     python -m csm_jax.csm generate [--checkpoint CKPT] --text "Hello there." --out hello.wav [--speaker 0]
         [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature T] [--top-k K]
-        [--depth-temperature T] [--depth-top-k K] [--seed 0] [--num-codebooks 32]
+        [--depth-temperature T] [--depth-top-k K] [--seed 0] [--num-codebooks 32] [--voice NAME | --no-voice]
+    python -m csm_jax.csm voice DIR NAME --turn "Its transcript.:ref.wav" [--turn ...]   # add a voice preset to DIR
     python -m csm_jax.csm convert SRC DST [--quantize int8]   # transformers / original checkpoint -> orbax dir
         (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales
     python -m csm_jax.csm export SRC DST [--dtype float16]   # any checkpoint -> transformers CSM dir
-        (+ tokenizer.json, prompt.json and the codec under codec_model. when SRC has them; generation_config.json)
+        (+ tokenizer.json, prompt.json, voice presets and the codec under codec_model. when SRC has them;
+        generation_config.json)
 
 CKPT and SRC are anything `csm_jax.load_csm` reads (hub ids such as sesame/csm-1b included); CKPT defaults to
 $CSM_JAX_CSM, else the built-in default voice (`csm_jax.default_model`). Sampling left out is the model's
-(`generation_config.json`, else 0.9 / top 50).
+(`generation_config.json`, else 0.9 / top 50). A speaker with no audio in --context is prompted by the model's voice
+preset `--voice` (`voices.json`; default "default" when the model has one).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
 from csm_jax import hub
@@ -31,17 +35,25 @@ from csm_jax.csm.generator import Segment, load_csm
 from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.csm.quantize import MODES as QUANTIZE_MODES
 from csm_jax.csm.quantize import quantize_params
+from csm_jax.csm.voices import DEFAULT_VOICE, read_voices, save_voice
 from csm_jax.csm.weights import HUB_FILES, load_csm_params, save_converted
 from csm_jax.default_model import VOICE_DIR
 
 
+def _turn(spec: str, form: str = "transcript:path.wav") -> tuple[str, np.ndarray]:
+    """`transcript:path.wav` -> (transcript, its audio); the transcript may contain ':'."""
+    text, _, wav = spec.rpartition(":")
+    if not text or not wav:
+        raise ValueError(f"expected {form}, got {spec!r}")
+    return text, load_audio(wav)
+
+
 def _segment(spec: str) -> Segment:
-    """`speaker:transcript:path.wav` -> Segment (the transcript may contain ':')."""
+    """`speaker:transcript:path.wav` -> Segment."""
     speaker, _, rest = spec.partition(":")
-    text, _, wav = rest.rpartition(":")
-    if not speaker.isdigit() or not text or not wav:
+    if not speaker.isdigit():
         raise ValueError(f"--context must be speaker:transcript:path.wav, got {spec!r}")
-    return Segment(int(speaker), text, load_audio(wav))
+    return Segment(int(speaker), *_turn(rest, "--context speaker:transcript:path.wav"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--depth-top-k", type=int, default=None, help="codebooks 1..K-1 (default: as --depth-temperature)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-codebooks", type=int, default=None)
+    g.add_argument("--voice", default=DEFAULT_VOICE, help="the model's voice preset for a speaker with no audio in "
+                   "--context (default: its default preset, if any)")
+    g.add_argument("--no-voice", action="store_true", help="no voice preset")
+    v = sub.add_parser("voice", help="add (or replace) a voice preset of a model directory")
+    v.add_argument("model", type=Path, help="a local model directory")
+    v.add_argument("name", help="the preset's name (\"default\" speaks when a request names none)")
+    v.add_argument("--turn", action="append", required=True, help="transcript:path.wav, a recording of the voice "
+                   "(repeatable: turns oldest first; at most 30 s in all)")
     c = sub.add_parser("convert", help="write a converted orbax checkpoint")
     c.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     c.add_argument("output", type=Path)
@@ -74,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--dtype", choices=list(DTYPES), default="float32", help="tensor dtype (default float32)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "voice":
+            if not args.model.is_dir():
+                raise ValueError(f"{args.model} is not a model directory")
+            wavs = save_voice(args.model, args.name, [_turn(spec, "--turn transcript:path.wav") for spec in args.turn])
+            print(f"wrote {', '.join(map(str, wavs))}; voices: {sorted(read_voices(args.model))}")
+            return 0
         if args.command == "export":
             check_out_dir(args.output)  # before the (slow) load
             ckpt = hub.checkpoint_path(args.input, HUB_FILES)  # a hub id -> its cached snapshot
@@ -82,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = {PROMPT_FILE: (src / PROMPT_FILE).read_text()} if (src / PROMPT_FILE).is_file() else {}
             out = export_transformers(gen.params, gen.cfg, args.output, codec=gen.codec, tokenizer=gen.tokenizer,
                                       dtype=args.dtype, extra_files=extra, sampling=gen.sampling)
+            for preset in gen.voices.values():
+                save_voice(out, preset.name, preset.turns)
             print(f"wrote {out}")
             return 0
         if args.command == "convert":
@@ -97,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             gen.sampling.save(out)
             if gen.codec is not None:
                 gen.codec.save(out / "codec")
+            for preset in gen.voices.values():
+                save_voice(out, preset.name, preset.turns)
             print(f"wrote {out}")
             return 0
         ckpt = args.checkpoint or os.environ.get("CSM_JAX_CSM") or VOICE_DIR
@@ -105,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         context = [_segment(spec) for spec in args.context]
         gen = load_csm(ckpt, num_codebooks=args.num_codebooks)
         audio = gen.generate(args.text, args.speaker, context, args.max_audio_ms, args.temperature, args.top_k,
-                             args.seed, depth_temperature=args.depth_temperature, depth_top_k=args.depth_top_k)
+                             args.seed, depth_temperature=args.depth_temperature, depth_top_k=args.depth_top_k,
+                             voice=None if args.no_voice else args.voice)
         sf.write(args.out, audio, 24_000, subtype="PCM_16")
         print(f"{len(audio) / 24_000:.2f} s of audio -> {args.out}")
         return 0

@@ -6,6 +6,9 @@
         ...
     codes = gen.generate_codes(tokens, mask, max_frames=50, temperature=0.9, top_k=50, seed=0)
 
+A model's voice presets (`voices.json`, `csm_jax.csm.voices`) prompt a speaker whose audio is not in the context:
+`voice="default"` (the default) uses the model's default preset if it has one, `voice=None` none.
+
 Sampling settings left out (None) come from `gen.sampling`: the model directory's `generation_config.json`, or the
 CSM reference's 0.9 / top 50. A `temperature` or `top_k` given without `depth_temperature` / `depth_top_k` applies to
 every codebook (`Sampling.override`).
@@ -34,8 +37,9 @@ from csm_jax.csm import quantize as csm_quantize
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.engine import Engine
 from csm_jax.csm.frontend import TextFrontend
-from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat, read_prompt_settings
+from csm_jax.csm.prompt import PromptFormat, Rows, code_rows, concat, read_prompt_settings, voice_applies
 from csm_jax.csm.sampling import Sampling, read_sampling
+from csm_jax.csm.voices import DEFAULT_VOICE, VoicePreset, read_voices, resolve
 from csm_jax.csm.weights import HUB_FILES, load_csm_params
 
 FRAME_MS = 80
@@ -52,13 +56,16 @@ class Segment:
 
 class Generator:
     """CSM + Mimi: text and context -> codes -> audio. Compiled engines are cached per batch size. `sampling`:
-    the default sampling settings (`csm_jax.csm.sampling.Sampling`)."""
+    the default sampling settings (`csm_jax.csm.sampling.Sampling`); `voices`: the voice presets by name."""
 
     def __init__(self, params: Any, cfg: CsmConfig, codec: MimiCodec | None = None,
                  tokenizer: Tokenizer | None = None, num_codebooks: int | None = None, mesh: Mesh | None = None,
                  rules: sharding.Rules = sharding.DEFAULT_RULES, frontend: str | TextFrontend | None = None,
-                 max_context_turns: int = 16, sampling: Sampling | None = None):
+                 max_context_turns: int = 16, sampling: Sampling | None = None,
+                 voices: Mapping[str, VoicePreset] | None = None):
         self.cfg, self.codec, self.tokenizer = cfg, codec, tokenizer
+        self.voices = dict(voices or {})
+        self._voice_codes: dict[str, list[np.ndarray]] = {}
         self.sampling = Sampling() if sampling is None else sampling  # the defaults of every generate call
         self.format = None if tokenizer is None else PromptFormat(tokenizer, cfg.num_codebooks, cfg.audio_vocab_size,
                                                                    frontend, max_context_turns)
@@ -87,8 +94,12 @@ class Generator:
         return self.prompt_format().text_rows(text, speaker)
 
     def audio_rows(self, audio: np.ndarray) -> Rows:
-        """Mono 24 kHz audio -> its Mimi codes (offline `encode`, as transformers' CSM) plus one all-zero EOS
-        frame, as audio rows. Whole-frame lengths are encoded on a length bucket (`encode_bucketed`, the same
+        """Mono 24 kHz audio -> its Mimi codes plus one all-zero EOS frame, as audio rows."""
+        return self.code_rows(self.audio_codes(audio))
+
+    def audio_codes(self, audio: np.ndarray) -> np.ndarray:
+        """Mono 24 kHz audio float [N] -> its Mimi codes int32 [T, K] (offline `encode`, as transformers' CSM).
+        Whole-frame lengths are encoded on a length bucket (`encode_bucketed`, the same
         codes) so they share compilations; a partial last frame makes offline Mimi pad its activations in a
         length-specific way, so those lengths compile their own encode."""
         if self.codec is None:
@@ -98,19 +109,37 @@ class Generator:
             raise ValueError(f"segment audio must be mono float [N], got shape {list(audio.shape)}")
         whole = audio.shape[0] % self.codec.frame_size == 0
         codes = (self.codec.encode_bucketed if whole else self.codec.encode)(audio[None])
-        return self.code_rows(np.asarray(codes)[0, : self.cfg.num_codebooks].T)
+        return np.asarray(codes, np.int32)[0, : self.cfg.num_codebooks].T
+
+    def voice(self, name: str | None = DEFAULT_VOICE) -> list[tuple[str, np.ndarray]]:
+        """Voice preset `name`'s turns (`csm_jax.csm.voices.resolve`; None, or "default" on a model without one:
+        no turns) as (transcript, codes int32 [T, K]), oldest first; the codes are encoded once and cached."""
+        preset = resolve(self.voices, name)
+        if preset is None:
+            return []
+        if preset.name not in self._voice_codes:
+            self._voice_codes[preset.name] = [self.audio_codes(audio) for _, audio in preset.turns]
+        return [(text, codes) for (text, _), codes in zip(preset.turns, self._voice_codes[preset.name])]
 
     def code_rows(self, codes: np.ndarray) -> Rows:
         """Audio codes int [T, K'] (K' <= K) plus one all-zero end frame -> audio rows [T+1, K+1]."""
         return code_rows(codes, self.cfg.num_codebooks, self.cfg.audio_vocab_size)
 
-    def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Context segments (each its text rows, then its audio rows) followed by the target text rows."""
+    def prompt(self, text: str, speaker: int, context: Sequence[Segment] = (),
+               voice: str | None = DEFAULT_VOICE) -> tuple[np.ndarray, np.ndarray]:
+        """Context segments (each its text rows, then its audio rows) followed by the target text rows; voice
+        preset `voice` first, spoken as `speaker`, when no segment is audio of `speaker` (`voice_applies`)."""
         fmt = self.prompt_format()
         parts = []
         for seg in context:
             if not isinstance(seg, Segment):
                 raise TypeError(f"context items must be csm_jax.Segment, got {type(seg).__name__}")
+        if voice_applies([(s.speaker, s.audio is not None) for s in context], speaker):
+            for preset_text, codes in self.voice(voice):
+                parts += [fmt.text_rows(preset_text, speaker), self.code_rows(codes)]
+        else:
+            self.voice(voice)  # a bad name is an error either way
+        for seg in context:
             parts.append(fmt.text_rows(seg.text, seg.speaker))
             if seg.audio is not None:
                 parts.append(self.audio_rows(seg.audio))
@@ -204,12 +233,13 @@ class Generator:
     # audio ---------------------------------------------------------------------------------------------
     def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
                temperature: float | None = None, top_k: int | None = None, seed: int = 0, *,
-               depth_temperature: float | None = None, depth_top_k: int | None = None) -> Iterator[np.ndarray]:
+               depth_temperature: float | None = None, depth_top_k: int | None = None,
+               voice: str | None = DEFAULT_VOICE) -> Iterator[np.ndarray]:
         """Float32 audio chunks [1920] at 24 kHz, one per generated frame, decoded by the streaming codec.
         Inputs are validated (and the prompt encoded) before this returns, so errors surface at the call."""
         if self.codec is None:
             raise ValueError("no codec loaded: audio output needs the Mimi weights")
-        tokens, mask = self.prompt(text, speaker, context)
+        tokens, mask = self.prompt(text, speaker, context, voice)
         sampling = self.resolve_sampling(temperature, top_k, depth_temperature, depth_top_k)
         max_frames = max(1, int(max_audio_ms) // FRAME_MS)
         prompts = self._check(tokens, mask, max_frames, seed)
@@ -220,10 +250,11 @@ class Generator:
 
     def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), max_audio_ms: int = 10_000,
                  temperature: float | None = None, top_k: int | None = None, seed: int = 0, *,
-                 depth_temperature: float | None = None, depth_top_k: int | None = None) -> np.ndarray:
+                 depth_temperature: float | None = None, depth_top_k: int | None = None,
+                 voice: str | None = DEFAULT_VOICE) -> np.ndarray:
         """float32 [N] at 24 kHz (N = 1920 * frames)."""
         chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, top_k, seed,
-                                  depth_temperature=depth_temperature, depth_top_k=depth_top_k))
+                                  depth_temperature=depth_temperature, depth_top_k=depth_top_k, voice=voice))
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
 
@@ -231,10 +262,10 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
              dtype: str | None = None, mesh: Mesh | None = None,
              rules: sharding.Rules = sharding.DEFAULT_RULES, quantize: str | None = None,
              backend: Mapping[str, Any] | PolicyOverrides | None = None) -> Generator:
-    """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json`, `generation_config.json`
-    and `codec_model.*` when present), an original Sesame checkpoint, or a converted dir, each local or a hub repo id
-    `org/name[@revision]` (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or anything
-    `load_codec` reads, hub ids included) overrides where Mimi comes from.
+    """A Generator from a transformers CSM dir (with `tokenizer.json`, `prompt.json`, `generation_config.json`,
+    `voices.json` and `codec_model.*` when present), an original Sesame checkpoint, or a converted dir, each local or a
+    hub repo id `org/name[@revision]` (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or
+    anything `load_codec` reads, hub ids included) overrides where Mimi comes from.
     `dtype`: the compute dtype (float32, bfloat16); parameters are stored in it (cast once here).
     `quantize="int8"`: int8 weight-only quantisation of the projections and heads (`csm_jax.csm.quantize`),
     computing in `dtype` (default: the backend policy's); a checkpoint converted with `--quantize int8` is already
@@ -274,7 +305,8 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
                           f"{cfg.num_codebooks}; audio APIs are disabled (pass codec=...)", stacklevel=2)
             codec = None
     try:
-        prompt, sampling = read_prompt_settings(root), read_sampling(root)
+        prompt, sampling, voices = read_prompt_settings(root), read_sampling(root), read_voices(root)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules, **prompt, sampling=sampling)
+    return Generator(params, cfg, codec, tokenizer, num_codebooks, mesh, rules, **prompt, sampling=sampling,
+                     voices=voices)

@@ -5,6 +5,10 @@ Rows have K+1 columns: K audio codebooks, then text. A text turn is `<|begin_of_
 Mimi frame in columns 0..K-1 followed by an all-zero end frame. Masks mark the filled columns. A context turn is
 its text rows, then its audio rows (when it has audio). Context is the most recent whole turns, contiguous back
 from the target, at most `max_context_turns`, that fit the row budget; it stops at the first turn that does not.
+A voice preset (`csm_jax.csm.voices`: reference turns of the target speaker) prompts a turn whose context holds no
+audio of its speaker (`voice_applies`). Its turns go first, as the oldest context: its newest turn before any history
+(left out only when it alone does not fit), then the history in the turns and rows left, then the preset's older
+turns in what the history leaves.
 
 The generator, the conversation manager (server), the training data loader and evaluation all build prompts
 with a `PromptFormat`, so a model is served exactly as it was trained.
@@ -114,11 +118,13 @@ class PromptFormat:
         return num_ids + (0 if frames is None else frames + 1)
 
     # context -------------------------------------------------------------------------------------------------
-    def select_context(self, lengths: Sequence[int], budget: int) -> int:
-        """`lengths`: rows of the earlier turns, oldest first -> how many of the most recent to keep as context."""
+    def select_context(self, lengths: Sequence[int], budget: int, max_turns: int | None = None) -> int:
+        """`lengths`: rows of the earlier turns, oldest first -> how many of the most recent to keep as context
+        (at most `max_turns`, default `max_context_turns`)."""
         kept = 0
         lengths = list(lengths)
-        for n in reversed(lengths[max(0, len(lengths) - self.max_context_turns):]):
+        limit = self.max_context_turns if max_turns is None else max_turns
+        for n in reversed(lengths[max(0, len(lengths) - limit):] if limit > 0 else []):
             if n > budget:
                 break
             budget -= n
@@ -126,14 +132,31 @@ class PromptFormat:
         return kept
 
     def conversation_rows(self, history: Sequence[tuple[np.ndarray | None, np.ndarray | None]],
-                          target_ids: np.ndarray, budget: int) -> tuple[Rows, int]:
+                          target_ids: np.ndarray, budget: int,
+                          voice: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> tuple[Rows, int, int]:
         """history: earlier turns as (text ids or None, codes int [T, K'] or None), oldest first; budget: rows
-        the context may use -> (context rows then the target's text rows, number of context turns kept)."""
-        lengths = [self.turn_length(0 if ids is None else len(ids), None if codes is None else len(codes))
-                   for ids, codes in history]
-        kept = self.select_context(lengths, budget)
-        parts = [self.turn_rows(ids, codes) for ids, codes in history[len(history) - kept:]]
-        return concat([*parts, self.id_rows(target_ids)]), kept
+        the context may use; voice: a preset's turns (text ids as the target speaker, codes int [T, K']), oldest
+        first, when `voice_applies` -> (preset rows, history rows, then the target's text rows; history turns
+        kept; preset turns kept), by the module docstring's rule."""
+        def length(ids: np.ndarray | None, codes: np.ndarray | None) -> int:
+            return self.turn_length(0 if ids is None else len(ids), None if codes is None else len(codes))
+
+        turns, voiced = self.max_context_turns, 0
+        preset = [length(*t) for t in voice]
+        if preset and turns > 0 and preset[-1] <= budget:
+            voiced, budget, turns = 1, budget - preset[-1], turns - 1
+        lengths = [length(*t) for t in history]
+        kept = self.select_context(lengths, budget, turns)
+        if voiced:
+            voiced += self.select_context(preset[:-1], budget - sum(lengths[len(lengths) - kept:]), turns - kept)
+        parts = [self.turn_rows(*t) for t in [*voice[len(voice) - voiced:], *history[len(history) - kept:]]]
+        return concat([*parts, self.id_rows(target_ids)]), kept, voiced
+
+
+def voice_applies(context: Sequence[tuple[int, bool]], speaker: int) -> bool:
+    """context: the candidate context turns as (speaker, has audio) -> whether a voice preset prompts `speaker`'s
+    turn: none of them is audio of that speaker."""
+    return not any(s == speaker and has_audio for s, has_audio in context)
 
 
 def concat(parts: Sequence[Rows]) -> Rows:

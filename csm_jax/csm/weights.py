@@ -25,13 +25,15 @@ from csm_jax.csm import quantize
 from csm_jax.csm.config import CsmConfig, LlamaConfig
 from csm_jax.csm.prompt import PROMPT_FILE
 from csm_jax.csm.sampling import GENERATION_CONFIG
+from csm_jax.csm.voices import VOICES_DIR, VOICES_FILE
 from csm_jax.weights import Entry, convert, read_safetensors, rope_interleaved_to_half, same
 
 CHECKPOINT_KIND = "csm"
 # what the CSM loaders read from a hub repo: transformers files (the codec rides in model.safetensors), the tokenizer,
 # csm-jax's prompt settings, and a converted checkpoint (orbax params + codec); not e.g. sesame/csm-1b's ckpt.pt
 HUB_FILES = ("config.json", "model.safetensors", GENERATION_CONFIG, "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", PROMPT_FILE, checkpoint.META_FILE, "params/*", "codec/*")
+             "special_tokens_map.json", PROMPT_FILE, VOICES_FILE, f"{VOICES_DIR}/*", checkpoint.META_FILE, "params/*",
+             "codec/*")
 # Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v fused);
 # older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
 LAYOUT_KEY, LAYOUT = "csm_param_layout", "qkv_out_in"

@@ -9,6 +9,10 @@ yardstick: both go through the same recogniser (pocketsphinx with a language mod
 held-out sentences) for word error rates, and the generated durations are compared with the reference's. A turn
 "ends" when the model emits its end frame before `max_audio_ms`.
 
+The model's default voice (`default_voice`, when it ships voice presets): each sentence is also spoken with no
+context but the default preset, as the server and the CLI speak it when nothing else prompts the voice; scored the
+same way (`wer_default_voice`, its durations and ends).
+
 Voice prompting: every sentence's prompt voice A is paired with another voice B of the held-out set; the output
 counts as prompted when `speaker_distance` puts it closer to A's prompt utterance than to an utterance of B (F0
 register and spread plus the long-term spectral envelope, scaled by the within-voice spread measured on the
@@ -39,6 +43,7 @@ import soundfile as sf
 
 from csm_jax.audio import load_audio
 from csm_jax.csm.generator import Segment
+from csm_jax.csm.voices import DEFAULT_VOICE, resolve
 from csm_jax.data.manifest import Utterance
 from csm_jax.data.synth import Voice, synthesise
 from csm_jax.evaluation.intelligibility import Intelligibility, word_error_rate
@@ -50,7 +55,8 @@ from csm_jax.evaluation.speaker import feature_scale, speaker_distance, speaker_
 class VoiceEvalConfig:
     """sentences: how many held-out sentences (the first ones of heldout.txt); reference: the eSpeak NG voice of
     the yardstick rendering; sampling settings (None: the model's, `Generator.sampling`); reading_pairs: held-out
-    pairs of the reading profile (0: none); source_pairs: held-out pairs of the code-source WERs (0: none)."""
+    pairs of the reading profile (0: none); source_pairs: held-out pairs of the code-source WERs (0: none);
+    default_voice: also speak every sentence with the model's default voice preset alone (when it has one)."""
 
     sentences: int = 60
     max_audio_ms: int = 10_000
@@ -62,6 +68,7 @@ class VoiceEvalConfig:
     reference: str = "en-us"
     reading_pairs: int = 24
     source_pairs: int = 12
+    default_voice: bool = True
 
 
 def _resynthesis(codec: Any, audio: np.ndarray) -> np.ndarray:
@@ -84,7 +91,9 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
 
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
-    "prompting_ceiling" (when `gen.codec` exists; the module docstring), "pairs", "sentences", "reading"
+    "prompting_ceiling" (when `gen.codec` exists; the module docstring), "wer_default_voice",
+    "wer_gap_default_voice", "duration_ratio_default_voice", "ended_default_voice" (with `default_voice` and a
+    model that has a default preset), "pairs", "sentences", "reading"
     (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
     (`code_source_wer`'s, with source_pairs > 0), "input_reliance" (`input_reliance`'s, with source_pairs > 0),
     "items": per-sentence records}."""
@@ -104,6 +113,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
     max_frames = cfg.max_audio_ms // 80
     generated, references, items, ceiling = [], [], [], []
     codec = getattr(gen, "codec", None)
+    default_voice = cfg.default_voice and resolve(getattr(gen, "voices", {}), DEFAULT_VOICE) is not None
+    by_default_voice = []
     with tempfile.TemporaryDirectory(prefix="csm-jax-voice-eval-") as tmp:
         for i, text in enumerate(sentences):
             a, b = rng.choice(len(ids), 2, replace=False)
@@ -129,11 +140,19 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
                           "reference_seconds": reference.size / 24000, "ended": frames < max_frames,
                           "distance_prompt": d_a, "distance_other": d_b, "prompted": bool(d_a < d_b)})
             generated.append(audio if audio.size else np.zeros(1920, np.float32))
+            if default_voice:  # no context: the default preset prompts the voice
+                alone = gen.generate(text, 0, [], cfg.max_audio_ms, cfg.temperature, cfg.top_k, cfg.seed + i,
+                                     depth_temperature=cfg.depth_temperature, depth_top_k=cfg.depth_top_k)
+                items[-1] |= {"default_voice_seconds": alone.size / 24000,
+                              "default_voice_ended": alone.size // 1920 < max_frames}
+                by_default_voice.append(alone if alone.size else np.zeros(1920, np.float32))
             references.append(reference)
             if out is not None:
                 sf.write(out / f"sample_{i:03d}.wav", generated[-1], 24000)
     for item, audio, ref in zip(items, generated, references):
         item["transcript"], item["reference_transcript"] = asr.transcribe(audio), asr.transcribe(ref)
+    for item, audio in zip(items, by_default_voice):
+        item["default_voice_transcript"] = asr.transcribe(audio)
     ratios = np.array([it["seconds"] / it["reference_seconds"] for it in items])
     result = {"wer_generated": word_error_rate(sentences, [it["transcript"] for it in items]),
               "wer_reference": word_error_rate(sentences, [it["reference_transcript"] for it in items]),
@@ -145,6 +164,12 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
               "sampling": asdict(gen.resolve_sampling(cfg.temperature, cfg.top_k, cfg.depth_temperature,
                                                       cfg.depth_top_k))}
     result["wer_gap"] = result["wer_generated"] - result["wer_reference"]
+    if by_default_voice:
+        alone = np.array([it["default_voice_seconds"] / it["reference_seconds"] for it in items])
+        result |= {"wer_default_voice": word_error_rate(sentences, [it["default_voice_transcript"] for it in items]),
+                   "duration_ratio_default_voice": float(np.median(alone)),
+                   "ended_default_voice": float(np.mean([it["default_voice_ended"] for it in items]))}
+        result["wer_gap_default_voice"] = result["wer_default_voice"] - result["wer_reference"]
     if ceiling:
         result["prompting_ceiling"] = float(np.mean(ceiling))
     if cfg.reading_pairs > 0:

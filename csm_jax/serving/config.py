@@ -102,11 +102,12 @@ class GenerationDefaults:
     depth_temperature: float | None = None
     depth_top_k: int | None = None
     max_audio_ms: int = 10_000
+    voice: str | None = "default"  # the model's voice preset (voices.json) for requests that name none; None: none
 
 
 @dataclasses.dataclass(frozen=True)
 class ContextConfig:
-    max_turns: int = 16
+    max_turns: int | None = None  # context turns of a prompt; None: the model's (its prompt.json, else 16)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,7 +178,8 @@ class Connection:
         self.request_meta = {"response_id": response_id, "params": params, "reply_to": reply_to,
                              "log_id": service.next_id("ws"), "extra": extra or {}, "future": future}
         self.send({"type": "response.started", "response_id": response_id, "context_turns": prompt.context_turns,
-                   "prompt_rows": prompt.rows, **(extra or {})}, reply_to)
+                   "prompt_rows": prompt.rows, "voice": params.voice if prompt.voice_turns else None, **(extra or {})},
+                  reply_to)
         self.request = service.submit(prompt, params, self._frame_from_engine, self._done_from_engine)
         return future
 

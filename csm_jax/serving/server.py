@@ -128,8 +128,10 @@ def build_service(config: ServeConfig, mesh: Mesh | None = None) -> Service:
     store = open_store(config.storage.url or config.storage.path)  # before the model: a bad database fails fast
     backend.configure(config.engine.backend)  # this process's backend policy, overrides from config
     generator, name = build_generator(config, mesh)
-    manager = ConversationManager(store, generator.prompt_format().with_context(config.context.max_turns),
-                                  generator.cfg.backbone.max_seq_len)
+    fmt = generator.prompt_format()  # the model's conversation format; context.max_turns may override its window
+    if config.context.max_turns is not None:
+        fmt = fmt.with_context(config.context.max_turns)
+    manager = ConversationManager(store, fmt, generator.cfg.backbone.max_seq_len)
     scheduler = Scheduler(generator, config.engine.batch_size)
     if config.engine.warmup_rows:
         t = scheduler.warmup(config.engine.warmup_rows, config.engine.warmup_batched_rows)

@@ -32,13 +32,15 @@ SAMPLING_FIELDS = ("temperature", "top_k", "depth_temperature", "depth_top_k")  
 
 @dataclasses.dataclass(frozen=True)
 class SpeechParams:
-    """A validated speech request: the text, the speaker, and the sampling settings."""
+    """A validated speech request: the text, the speaker, the sampling settings, and the voice preset that prompts
+    the speaker when the context holds none of its audio (None: none)."""
 
     text: str
     speaker: int
     max_frames: int
     sampling: Sampling
     seed: int
+    voice: str | None = None
 
 
 class ClientBudgets:
@@ -78,11 +80,18 @@ class Service:
     metrics: ServerMetrics = dataclasses.field(init=False)
     clients: ClientBudgets = dataclasses.field(init=False)
     defaults: Sampling = dataclasses.field(init=False)
+    voice: str | None = dataclasses.field(init=False)  # the preset of requests that name none
 
     def __post_init__(self) -> None:
         lim, g = self.config.limits, self.config.generation
         # the sampling of requests that leave it out: the model's, with the server config's settings in place
         self.defaults = self.generator.resolve_sampling(g.temperature, g.top_k, g.depth_temperature, g.depth_top_k)
+        try:  # the default preset, checked here (None when the model has none)
+            self.voice = g.voice if self.generator.voice(g.voice) else None
+        except ValueError as e:
+            raise ValueError(f"generation.voice: {e}") from None
+        for name in self.generator.voices:  # encode every preset once, off the request path
+            self.generator.voice(name)
         self.metrics = ServerMetrics(lambda: self.scheduler.active, lambda: self.scheduler.queued,
                                      lambda: self.connections, self.scheduler.counts)
         self.clients = ClientBudgets(lim.requests_per_min, lim.request_burst)
@@ -92,7 +101,9 @@ class Service:
         return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": self.generator.codec.sample_rate,
                 "frame_samples": self.generator.codec.frame_size, "num_codebooks": self.generator.num_codebooks,
                 "model": self.model_name, "limits": dataclasses.asdict(self.config.limits),
-                "defaults": dataclasses.asdict(self.defaults) | {"max_audio_ms": self.config.generation.max_audio_ms}}
+                "voices": sorted(self.generator.voices),
+                "defaults": dataclasses.asdict(self.defaults) | {"max_audio_ms": self.config.generation.max_audio_ms,
+                                                                 "voice": self.voice}}
 
     def error(self, code: str) -> None:
         self.metrics.errors.labels(code).inc()
@@ -113,14 +124,24 @@ class Service:
 
     def sampling(self, msg: dict[str, Any], text: str, speaker: int) -> SpeechParams:
         """`text` by `speaker` with the sampling fields of `msg` (`max_audio_ms`, `temperature`, `top_k`,
-        `depth_temperature`, `depth_top_k`, `seed`); `Sampling.override` fills the gaps from `self.defaults`."""
+        `depth_temperature`, `depth_top_k`, `seed`, `voice`); `Sampling.override` fills the gaps from
+        `self.defaults`, `self.voice` a missing `voice`."""
         vocab, lim = self.generator.cfg.audio_vocab_size, self.config.limits
         max_ms = int_field(msg, "max_audio_ms", FRAME_MS, lim.max_audio_ms, min(self.config.generation.max_audio_ms,
                                                                                  lim.max_audio_ms))
         given = {name: (float_field(msg, name, 1.0) if name.endswith("temperature") else
                         int_field(msg, name, 1, vocab)) for name in SAMPLING_FIELDS if name in msg}
         return SpeechParams(text, speaker, max_ms // FRAME_MS, self.defaults.override(**given),
-                            int_field(msg, "seed", 0, 2**32 - 1, secrets.randbelow(2**31)))
+                            int_field(msg, "seed", 0, 2**32 - 1, secrets.randbelow(2**31)),
+                            self.voice_field(msg) if "voice" in msg else self.voice)
+
+    def voice_field(self, msg: dict[str, Any]) -> str | None:
+        """A request's `voice`: one of the model's presets, or null for none (`bad_field` otherwise)."""
+        name = msg["voice"]
+        if name is not None and (not isinstance(name, str) or name not in self.generator.voices):
+            raise ProtocolError("bad_field", f"field 'voice' must be one of this model's voices "
+                                             f"{sorted(self.generator.voices)} or null, got {name!r:.80}")
+        return name
 
     def check_queue(self) -> None:
         if self.scheduler.queued >= self.config.limits.max_queued:
@@ -128,10 +149,12 @@ class Service:
                                               "try again shortly")
 
     async def prompt(self, conversation_id: str | None, params: SpeechParams) -> Prompt:
-        """The conversation's recent turns (none for None) then the target text; `context_full` if it cannot fit."""
+        """The voice preset when it applies, the conversation's recent turns (none for None), then the target text;
+        `context_full` if it cannot fit."""
+        voice = self.generator.voice(params.voice)  # encoded once (at start-up), then cached
         try:
             return await asyncio.to_thread(self.manager.build_prompt, conversation_id, params.text, params.speaker,
-                                           params.max_frames)
+                                           params.max_frames, voice)
         except ContextFull as e:
             raise ProtocolError("context_full", str(e)) from None
         except UnknownConversation:

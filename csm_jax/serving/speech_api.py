@@ -1,7 +1,8 @@
 """OpenAI-compatible text-to-speech: `POST /v1/audio/speech` on the server's port and engine (docs/protocol.md).
 
-Body: `model` (any name; one model is served), `input` (the text), `voice` (a speaker id such as "0", or the id of
-a stored conversation whose turns prompt the voice: the reply continues it as its last speaker and is not stored),
+Body: `model` (any name; one model is served), `input` (the text), `voice` (one of the model's voice presets such as
+"default", spoken as speaker 0; a speaker id such as "0"; or the id of a stored conversation whose turns prompt the
+voice: the reply continues it as its last speaker and is not stored),
 `response_format` (wav and pcm stream frame by frame as they are generated; flac, mp3 and opus are encoded when the
 response is complete), `speed` (1.0 only), plus this server's `seed`, `temperature`, `top_k`, `max_audio_ms`.
 pcm is raw signed 16-bit little-endian mono at the codec's 24 kHz, as OpenAI's.
@@ -10,6 +11,7 @@ pcm is raw signed 16-bit little-endian mono at the codec's 24 kHz, as OpenAI's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import struct
@@ -66,12 +68,15 @@ def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     return out.getvalue()
 
 
-async def _voice(service: Service, value: Any) -> tuple[int, str | None]:
-    """`voice` -> (speaker, conversation id of the voice prompt or None)."""
+async def _voice(service: Service, value: Any) -> tuple[int, str | None, str | None]:
+    """`voice` -> (speaker, conversation id of the voice prompt or None, voice preset: the named one, else the
+    server's default)."""
+    if isinstance(value, str) and value in service.generator.voices:
+        return 0, None, value
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
-        return value, None
+        return value, None, service.voice
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10 and int(value) < 2**31:
-        return int(value), None
+        return int(value), None, service.voice
     if isinstance(value, str):
         cid = str_field({"voice": value}, "voice", MAX_ID_CHARS)
         try:
@@ -79,9 +84,10 @@ async def _voice(service: Service, value: Any) -> tuple[int, str | None]:
         except (UnknownConversation, TypeError, ValueError):  # no such conversation, an id the store refuses
             last = None
         if last:
-            return last[-1].speaker, cid
-    raise ProtocolError("bad_field", f"field 'voice' must be a speaker id (e.g. \"0\") or the id of a stored "
-                                     f"conversation with at least one turn, got {value!r:.80}")
+            return last[-1].speaker, cid, service.voice
+    raise ProtocolError("bad_field", f"field 'voice' must be one of this model's voices "
+                                     f"{sorted(service.generator.voices)}, a speaker id (e.g. \"0\") or the id of a "
+                                     f"stored conversation with at least one turn, got {value!r:.80}")
 
 
 async def _parse(service: Service, request: web.Request) -> tuple[dict[str, Any], str]:
@@ -116,8 +122,9 @@ async def speech(request: web.Request, service: Service, client: str) -> web.Str
     """The `POST /v1/audio/speech` handler (auth and Origin were checked by the caller)."""
     try:
         body, fmt = await _parse(service, request)
-        speaker, voice_cid = await _voice(service, body.get("voice"))
-        params = service.speech_params(body, "input", speaker)
+        speaker, voice_cid, preset = await _voice(service, body.get("voice"))
+        params = service.speech_params({k: v for k, v in body.items() if k != "voice"}, "input", speaker)
+        params = dataclasses.replace(params, voice=preset)
         service.check_queue()
         service.charge(client)
         prompt = await service.prompt(voice_cid, params)
@@ -128,7 +135,7 @@ async def speech(request: web.Request, service: Service, client: str) -> web.Str
     request_id = service.next_id("speech")
 
     def done(result: Result) -> None:  # event loop
-        service.finished("http", request_id, result, client, voice=voice_cid or speaker, format=fmt)
+        service.finished("http", request_id, result, client, voice=voice_cid or preset or speaker, format=fmt)
         items.put_nowait(result)
 
     job = service.submit(prompt, params, lambda pcm: loop.call_soon_threadsafe(items.put_nowait, pcm),

@@ -212,4 +212,4 @@ class Talk:
     @staticmethod
     def fields(msg: dict[str, Any]) -> dict[str, Any]:
         """The sampling fields of a `talk.start`, for the replies."""
-        return {k: msg[k] for k in ("max_audio_ms", *SAMPLING_FIELDS, "seed") if k in msg}
+        return {k: msg[k] for k in ("max_audio_ms", *SAMPLING_FIELDS, "seed", "voice") if k in msg}
