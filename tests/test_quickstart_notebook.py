@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import re
@@ -32,6 +33,7 @@ import soundfile as sf
 import csm_jax
 from csm_jax.csm.frontend import make_frontend
 from csm_jax.default_model import NAME as DEFAULT_NAME
+from csm_jax.default_model import VOICE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -210,10 +212,13 @@ def test_generation_with_context(executed: Executed) -> None:
     t_clip = executed.value("clip_codes").shape[-1]
     phonemes = make_frontend("espeak:en-us")  # the voice reads eSpeak NG phonemes, one token per UTF-8 byte
     text_rows = lambda speaker, text: len(f"[{speaker}]{phonemes(text)}".encode()) + 2  # noqa: E731  (+ BOS/EOS)
-    s = text_rows(1, TRANSCRIPT) + t_clip + 1 + text_rows(0, str(executed.value("TEXT")))
+    # speaker 0 has no audio in the context: the voice's default preset turns go first (text rows, code rows + end)
+    preset = json.loads((VOICE_DIR / "voices.json").read_text())["default"]["turns"]
+    v = sum(text_rows(0, t["text"]) + math.ceil(sf.info(VOICE_DIR / t["audio"]).frames / FRAME) + 1 for t in preset)
+    s = v + text_rows(1, TRANSCRIPT) + t_clip + 1 + text_rows(0, str(executed.value("TEXT")))
     assert str(executed.value("TRANSCRIPT")) == TRANSCRIPT
     assert tokens.shape == mask.shape == (s, K + 1)
-    audio = slice(text_rows(1, TRANSCRIPT), text_rows(1, TRANSCRIPT) + t_clip)
+    audio = slice(v + text_rows(1, TRANSCRIPT), v + text_rows(1, TRANSCRIPT) + t_clip)
     np.testing.assert_array_equal(tokens[audio, :K], executed.value("clip_codes")[0].T)
     assert f"prompt rows: ({s}, {K + 1}); reply codes: ({frames}, {K})" in text_of(cell)
     assert [(rate, len(x)) for rate, x in audio_players(cell)] == [(SR, FRAME * frames)]

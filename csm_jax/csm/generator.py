@@ -134,11 +134,10 @@ class Generator:
         for seg in context:
             if not isinstance(seg, Segment):
                 raise TypeError(f"context items must be csm_jax.Segment, got {type(seg).__name__}")
+        preset = self.voice(voice)  # a bad name is an error whether or not the preset applies
         if voice_applies([(s.speaker, s.audio is not None) for s in context], speaker):
-            for preset_text, codes in self.voice(voice):
+            for preset_text, codes in preset:
                 parts += [fmt.text_rows(preset_text, speaker), self.code_rows(codes)]
-        else:
-            self.voice(voice)  # a bad name is an error either way
         for seg in context:
             parts.append(fmt.text_rows(seg.text, seg.speaker))
             if seg.audio is not None:
