@@ -124,7 +124,7 @@ def test_page_loads_and_connects(client):
     assert client.csm(".events[0].type") == "ready"
     assert f"{urlsplit(client.server.http_url).netloc}/ws" in page.text_content("#server-url")
     # Controls are labelled.
-    for control in ["speaker", "text", "temperature", "top-k", "max-audio-ms", "seed", "record-speaker",
+    for control in ["speaker", "text", "temperature", "top-k", "max-audio-ms", "seed", "voice", "record-speaker",
                     "transcript", "encoding", "resume-id"]:
         assert page.locator(f"label[for='{control}']").count() == 1, control
     # A new conversation shows its id and an empty history.
@@ -142,6 +142,9 @@ def test_say_streams_frames_and_lists_turn(client):
     sent = [e for e in client.csm(".sent") if e["type"] == "say"][-1]
     assert sent["text"] == "Hello there." and sent["speaker"] == 0 and sent["max_audio_ms"] == 480
     assert sent["seed"] == 1 and sent["top_k"] == 50 and sent["temperature"] == 0.9
+    assert "voice" not in sent  # the server's default preset (the random model has none)
+    options = page.eval_on_selector_all("#voice option", "os => os.map(o => [o.value, o.textContent])")
+    assert options == [["", "server default (none)"], ["none", "none"]], options
     assert done["stop_reason"] in ("eos", "max_length")
     assert 0 < done["frames"] <= 6
     assert client.csm(".framesReceived") == done["frames"]
@@ -165,6 +168,14 @@ def test_say_streams_frames_and_lists_turn(client):
     assert [t["turn_id"] for t in history] == [done["turn_id"]]
     assert history[0]["frames"] == done["frames"] and history[0]["speaker"] == 0
     assert not page.is_disabled("#say") and page.is_disabled("#cancel")
+    # "none" asks for no voice preset
+    page.select_option("#voice", "none")
+    page.click("#say")
+    page.wait_for_function("window.csm.sent.filter(e => e.type === 'say').length === 2 && "
+                           "window.csm.lastDone !== null && "
+                           "window.csm.lastDone.id === window.csm.sent.filter(e => e.type === 'say')[1].id")
+    assert [e for e in client.csm(".sent") if e["type"] == "say"][-1]["voice"] is None
+    page.select_option("#voice", "")
 
 
 def test_cancel_stops_the_response(client):

@@ -351,6 +351,18 @@ function onReady(ev) {
   const defaults = ev.defaults || {};
   if (typeof defaults.temperature === "number") $("temperature").placeholder = `server default ${defaults.temperature}`;
   if (typeof defaults.top_k === "number") $("top-k").placeholder = `server default ${defaults.top_k}`;
+  // The model's voice presets: the server's default first, then each by name, then none.
+  const voice = $("voice");
+  voice.replaceChildren();
+  const option = (value, text) => {
+    const el = document.createElement("option");
+    el.value = value;
+    el.textContent = text;
+    voice.append(el);
+  };
+  option("", `server default (${typeof defaults.voice === "string" ? defaults.voice : "none"})`);
+  for (const name of Array.isArray(ev.voices) ? ev.voices : []) option(`preset:${name}`, name);
+  option("none", "none");
   const maxMs = $("max-audio-ms");
   if (typeof lim.max_audio_ms === "number") {
     maxMs.max = String(lim.max_audio_ms);
@@ -851,6 +863,9 @@ function samplingFields() {
   if (topK !== undefined) fields.top_k = topK;
   const seed = intValue("seed");
   if (seed !== undefined) fields.seed = seed;
+  const voice = $("voice").value;  // "": the server's default preset; "none": none; "preset:NAME"
+  if (voice === "none") fields.voice = null;
+  else if (voice.startsWith("preset:")) fields.voice = voice.slice("preset:".length);
   return fields;
 }
 
