@@ -220,6 +220,8 @@ def test_talk_mode_faults_give_clear_errors_and_keep_the_user_turn(talk_server: 
         reader = asyncio.create_task(t.read())
         await t.c.send({"type": "talk.stop"})
         await t.wait(is_event("error", code="not_talking"))
+        await t.c.send({"type": "talk.start", "speaker": 1, "sample_rate": 24_000, "voice": "nobody"})
+        await t.wait(is_event("error", code="bad_field"))  # the replies' voice preset: the model has none
         await t.c.send({"type": "talk.start", "speaker": 1, "sample_rate": 24_000, "max_audio_ms": 160})
         await t.wait(is_event("talk.started"))
         mic = asyncio.create_task(t.mic())
