@@ -348,9 +348,9 @@ class Client:
                   temperature: float | None = None, top_k: int | None = None, seed: int | None = None,
                   depth_temperature: float | None = None, depth_top_k: int | None = None,
                   on_frame: FrameCallback | None = None) -> Response:
-        """Generate `text` in `speaker`'s voice (sampling left out: the server's defaults). Frames are collected (and passed to `on_frame` as int16 [1920]
-        arrays, in order, as they arrive); returns when the server's `response.done` arrives. A cancelled
-        response returns normally with `stop_reason == "cancelled"`."""
+        """Generate `text` in `speaker`'s voice (sampling left out: the server's defaults). Frames are collected
+        (and passed to `on_frame` as int16 [1920] arrays, in order, as they arrive); returns when the server's
+        `response.done` arrives. A cancelled response returns normally with `stop_reason == "cancelled"`."""
         self._check_open()
         assert self._draining is not None
         if not self._draining.is_set():  # an abandoned response is still streaming: the server would say busy

@@ -213,7 +213,8 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
         target = fmt.text_ids(entry.text, entry.speaker)
         history = [(fmt.text_ids(eval_set[j].text, eval_set[j].speaker), eval_set.codes(j).astype(np.int32))
                    for j in earlier]
-        (tokens, mask), _, _ = fmt.conversation_rows(history, target, mc.backbone.max_seq_len - max_frames - len(target))
+        budget = mc.backbone.max_seq_len - max_frames - len(target)
+        (tokens, mask), _, _ = fmt.conversation_rows(history, target, budget)
         codes = gen.generate_codes(tokens, mask, max_frames=max_frames,
                                    temperature=e.get("temperature"), top_k=e.get("top_k"),
                                    seed=int(e.get("seed", 0)) + i, code_limit=mimi.config.codebook_size)
