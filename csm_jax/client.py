@@ -7,7 +7,7 @@ Library (asyncio)::
     async with Client("ws://127.0.0.1:8765/ws", token=None) as c:
         conversation_id = await c.start()                   # or c.start(existing_id) to resume
         turn = await c.send_file("question.wav", speaker=1, transcript="How are you?")
-        r = await c.say("I am fine, thanks.", speaker=0, max_audio_ms=4000, on_frame=play)
+        r = await c.say("I am fine, thanks.", speaker=0, max_audio_ms=4000, on_frame=play)  # voice="default"
         r.audio          # float32 [N] at 24 kHz; r.done is the server's response.done event
         await c.history()
 
@@ -19,7 +19,8 @@ Synchronous helpers (they also work inside a running event loop, e.g. a Jupyter 
 Command line::
 
     python -m csm_jax.client say --text "Hello there." --out hello.wav [--speaker 0] [--url URL] [--token T]
-        [--conversation ID] [--max-audio-ms 4000] [--temperature 0.9] [--top-k 50] [--seed 0] [--json]
+        [--conversation ID] [--max-audio-ms 4000] [--temperature 0.9] [--top-k 50] [--seed 0]
+        [--voice NAME | --no-voice] [--json]
     python -m csm_jax.client send --wav question.wav --speaker 1 [--transcript "..."] [--conversation ID]
     python -m csm_jax.client history --conversation ID [--limit N] [--json]
 
@@ -44,7 +45,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -347,8 +348,11 @@ class Client:
     async def say(self, text: str, speaker: int = 0, *, max_audio_ms: int | None = None,
                   temperature: float | None = None, top_k: int | None = None, seed: int | None = None,
                   depth_temperature: float | None = None, depth_top_k: int | None = None,
-                  on_frame: FrameCallback | None = None) -> Response:
-        """Generate `text` in `speaker`'s voice (sampling left out: the server's defaults). Frames are collected
+                  voice: str | Literal[False] | None = None, on_frame: FrameCallback | None = None) -> Response:
+        """Generate `text` in `speaker`'s voice (sampling left out: the server's defaults). `voice`: a voice preset
+        of the served model (`ready["voices"]`) that prompts the voice while the conversation has no audio of
+        `speaker`, False for none (the context alone sets the voice), None for the server's default
+        (`ready["defaults"]["voice"]`); `Response.started["voice"]` says which one was used. Frames are collected
         (and passed to `on_frame` as int16 [1920] arrays, in order, as they arrive); returns when the server's
         `response.done` arrives. A cancelled response returns normally with `stop_reason == "cancelled"`."""
         self._check_open()
@@ -361,6 +365,8 @@ class Client:
                            ("depth_temperature", depth_temperature), ("depth_top_k", depth_top_k), ("seed", seed)):
             if value is not None:
                 event[key] = value
+        if voice is not None:
+            event["voice"] = None if voice is False else voice
         waiter = _Waiter({"response.started", "response.done"})
         owner = self._response is None
         if owner:
@@ -622,6 +628,9 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument("--depth-temperature", type=float, help="codebooks 1..K-1 (default: as --temperature)")
     say.add_argument("--depth-top-k", type=int, help="codebooks 1..K-1 (default: as --top-k)")
     say.add_argument("--seed", type=int)
+    voice = say.add_mutually_exclusive_group()
+    voice.add_argument("--voice", metavar="NAME", help="a voice preset of the served model (default: the server's)")
+    voice.add_argument("--no-voice", action="store_true", help="no voice preset: the conversation sets the voice")
     send = sub.add_parser("send", parents=[common], help="send an audio file as a user turn")
     send.add_argument("--wav", required=True, help="any file soundfile reads (wav, flac, ogg); downmixed to mono")
     send.add_argument("--speaker", type=int, required=True)
@@ -638,10 +647,10 @@ async def _cli(args: argparse.Namespace) -> dict[str, Any]:
         if args.command == "say":
             r = await c.say(args.text, args.speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, depth_temperature=args.depth_temperature,
-                            depth_top_k=args.depth_top_k)
+                            depth_top_k=args.depth_top_k, voice=False if args.no_voice else args.voice)
             write_wav(args.out, r)
-            out.update(done=r.done, frames_received=r.frames, audio_s=r.audio_s, ttfa_ms_client=r.ttfa_ms_client,
-                       out=str(args.out))
+            out.update(voice=r.started.get("voice"), done=r.done, frames_received=r.frames, audio_s=r.audio_s,
+                       ttfa_ms_client=r.ttfa_ms_client, out=str(args.out))
         elif args.command == "send":
             out["turn"] = await c.send_file(args.wav, args.speaker, args.transcript)
         else:
@@ -656,7 +665,8 @@ def _print_text(command: str, out: dict[str, Any]) -> None:
         ttfa_c = out["ttfa_ms_client"]
         print(f"response {d.get('response_id')}: {d.get('frames')} frames, {d.get('audio_ms')} ms audio, "
               f"stop {d.get('stop_reason')}, turn {d.get('turn_id')}")
-        print(f"ttfa {_fmt(d.get('ttfa_ms'))} ms (server), {_fmt(ttfa_c)} ms (client); rtf {_fmt(d.get('rtf'), 3)}")
+        print(f"ttfa {_fmt(d.get('ttfa_ms'))} ms (server), {_fmt(ttfa_c)} ms (client); rtf {_fmt(d.get('rtf'), 3)}; "
+              f"voice preset {out['voice'] or '-'}")
         print(f"wrote {out['out']} ({out['audio_s']:.2f} s, 24 kHz PCM16)")
     elif command == "send":
         t = out["turn"]

@@ -81,6 +81,33 @@ def test_voice_presets_through_the_cli(tmp_path_factory, tmp_path, capsys):
         assert err.startswith("error: ") and needle in err, (argv, err)
 
 
+def test_export_bundles_a_codec_with_another_decoder_only(tmp_path_factory, tmp_path, capsys):
+    """`export --codec`: a codec whose decoder was fine-tuned (same codes) replaces SRC's; one that encodes
+    differently is refused, since the CSM was trained on the other codes."""
+    import jax
+
+    ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
+    codec = csm_jax.load_csm(ckpt).codec
+
+    def changed(module: str) -> csm_jax.MimiCodec:
+        params = dict(codec.params)
+        params[module] = jax.tree_util.tree_map(lambda x: x * 1.1 + 0.01, params[module])
+        return csm_jax.MimiCodec(params, codec.config)
+
+    decoder, encoder = changed("decoder").save(tmp_path / "dec"), changed("encoder").save(tmp_path / "enc")
+    assert codec.code_differences(csm_jax.load_codec(decoder)) == []
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--codec", str(decoder), "--dtype", "float16"]) == 0
+    bundled = csm_jax.load_csm(tmp_path / "out").codec
+    assert bundled.code_differences(codec) == []  # a float16 round trip of the same encoder still matches
+    got, want = (jax.tree_util.tree_leaves(c.params["decoder"]) for c in (bundled, csm_jax.load_codec(decoder)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)  # the new decoder, through float16
+    capsys.readouterr()
+    assert main(["export", str(ckpt), str(tmp_path / "bad"), "--codec", str(encoder)]) == 2
+    err = capsys.readouterr().err
+    assert "makes other codes" in err and "encoder/" in err and not (tmp_path / "bad").exists()
+
+
 def test_errors_exit_2_with_a_message(tmp_path_factory, tmp_path, capsys, monkeypatch):
     ckpt = _checkpoint_with_tokenizer(tmp_path_factory)
     monkeypatch.delenv("CSM_JAX_CSM", raising=False)

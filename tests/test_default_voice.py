@@ -125,6 +125,30 @@ def test_the_main_command_speaks_with_the_default_voice(voice_server: LiveServer
     assert all(0.5 <= r <= 2.0 for r in ratios), ratios
 
 
+def test_the_python_client_names_the_voice_preset(voice_server: LiveServer, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from csm_jax import client
+
+    async def go() -> tuple[list[str | None], str]:
+        async with client.Client(voice_server.ws_url) as c:
+            await c.start()
+            used = [(await c.say("Hi.", 0, voice=False, max_audio_ms=160)).started["voice"],
+                    (await c.say("Hi.", 1, voice="default", max_audio_ms=160)).started["voice"],
+                    (await c.say("Hi.", 2, max_audio_ms=160)).started["voice"]]  # the server's default
+            try:
+                await c.say("Hi.", 3, voice="nobody")
+            except client.ServerError as e:
+                return used, e.code
+            return used, "no error"
+
+    assert run(go()) == ([None, "default", "default"], "bad_field")
+    out = tmp_path / "hi.wav"
+    for flag, want in ((["--voice", "default"], "default"), (["--no-voice"], None)):
+        argv = ["say", "--url", voice_server.ws_url, "--text", "Hi.", "--out", str(out), "--max-audio-ms", "160"]
+        assert client.main([*argv, *flag, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["voice"] == want
+
+
 def test_the_cli_speaks_with_the_default_voice_when_no_checkpoint_is_given(tmp_path: Path, monkeypatch) -> None:
     import soundfile as sf
 

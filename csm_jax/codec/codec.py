@@ -16,7 +16,7 @@ from csm_jax import checkpoint, hub
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.layers import State
-from csm_jax.codec.mimi import Mimi
+from csm_jax.codec.mimi import Mimi, determines_codes
 from csm_jax.codec.weights import abstract_params, convert_mimi, detect_format
 from csm_jax.weights import read_safetensors
 
@@ -93,6 +93,28 @@ class MimiCodec:
 
     def stream_decoder(self, batch_size: int = 1) -> "StreamDecoder":
         return StreamDecoder(self, batch_size)
+
+    def code_differences(self, other: "MimiCodec", rtol: float = 5e-3) -> list[str]:
+        """Where `other` would encode audio differently from this codec: the names of differing config fields
+        (dtype aside) and the paths ("encoder/...", "quantizer/.../codebooks") of code-determining parameters
+        that differ by more than `rtol` (relative to the largest magnitude of the tensor; the default passes a
+        float16 or bfloat16 round trip). Empty for a codec with another decoder only (`codec_train=decoder`):
+        a CSM trained on this codec's codes can use it."""
+        a, b = self.config.to_dict(), other.config.to_dict()
+        diffs = [k for k in sorted(a.keys() | b.keys()) if k != "dtype" and a.get(k) != b.get(k)]
+        if diffs:
+            return diffs
+        mine = dict(jax.tree_util.tree_flatten_with_path(self.params)[0])
+        for path, theirs in jax.tree_util.tree_flatten_with_path(other.params)[0]:
+            keys = tuple(str(getattr(k, "key", k)) for k in path)
+            if not determines_codes(keys):
+                continue
+            ours = np.asarray(mine[path], np.float32)
+            theirs = np.asarray(theirs, np.float32)
+            scale = max(float(np.abs(ours).max(initial=0.0)), 1e-12)
+            if ours.shape != theirs.shape or float(np.abs(ours - theirs).max(initial=0.0)) > rtol * scale:
+                diffs.append("/".join(keys))
+        return diffs
 
     def save(self, path: str | Path) -> Path:
         """Write a converted orbax checkpoint that `load_codec` reads back."""

@@ -6,9 +6,9 @@
     python -m csm_jax.csm voice DIR NAME --turn "Its transcript.:ref.wav" [--turn ...]   # add a voice preset to DIR
     python -m csm_jax.csm convert SRC DST [--quantize int8]   # transformers / original checkpoint -> orbax dir
         (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales
-    python -m csm_jax.csm export SRC DST [--dtype float16]   # any checkpoint -> transformers CSM dir
-        (+ tokenizer.json, prompt.json, voice presets and the codec under codec_model. when SRC has them;
-        generation_config.json)
+    python -m csm_jax.csm export SRC DST [--dtype float16] [--codec CODEC]   # any checkpoint -> transformers CSM
+        dir (+ tokenizer.json, prompt.json, voice presets and the codec under codec_model. when SRC has them;
+        generation_config.json); --codec bundles another codec that makes the same codes (a fine-tuned decoder)
 
 CKPT and SRC are anything `csm_jax.load_csm` reads (hub ids such as sesame/csm-1b included); CKPT defaults to
 $CSM_JAX_CSM, else the built-in default voice (`csm_jax.default_model`). Sampling left out is the model's
@@ -30,6 +30,7 @@ import soundfile as sf
 from csm_jax import hub
 from csm_jax.audio import AudioError, load_audio
 from csm_jax.checkpoint import CheckpointError
+from csm_jax.codec.codec import MimiCodec, load_codec
 from csm_jax.csm.export import DTYPES, check_out_dir, export_transformers
 from csm_jax.csm.generator import Segment, load_csm
 from csm_jax.csm.prompt import PROMPT_FILE
@@ -56,12 +57,21 @@ def _segment(spec: str) -> Segment:
     return Segment(int(speaker), *_turn(rest, "--context speaker:transcript:path.wav"))
 
 
+def _same_codes(codec: MimiCodec, trained_on: MimiCodec | None, name: str) -> MimiCodec:
+    """`codec`, if it encodes as the codec the CSM was trained with (when that is known); else ValueError."""
+    diffs = [] if trained_on is None else trained_on.code_differences(codec)
+    if diffs:
+        raise ValueError(f"the codec {name} makes other codes than the one the CSM was trained on (it differs in "
+                         f"{', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); only its decoder may change")
+    return codec
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csm_jax.csm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text (+ context) -> wav")
-    g.add_argument("--checkpoint", help="CSM checkpoint, a path or hub id org/name[@revision] (default: $CSM_JAX_CSM, else the "
-                        "built-in default voice)")
+    g.add_argument("--checkpoint", help="CSM checkpoint, a path or hub id org/name[@revision] (default: "
+                   "$CSM_JAX_CSM, else the built-in default voice)")
     g.add_argument("--text", required=True)
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--speaker", type=int, default=0)
@@ -92,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     e.add_argument("output", type=Path)
     e.add_argument("--dtype", choices=list(DTYPES), default="float32", help="tensor dtype (default float32)")
+    e.add_argument("--codec", help="bundle this codec (any `load_codec` path) instead of SRC's: one that makes the "
+                   "same codes, e.g. SRC's with a fine-tuned decoder (train_codec.py codec_train=decoder)")
     args = parser.parse_args(argv)
     try:
         if args.command == "voice":
@@ -104,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(args.output)  # before the (slow) load
             ckpt = hub.checkpoint_path(args.input, HUB_FILES)  # a hub id -> its cached snapshot
             gen = load_csm(ckpt)
+            codec = gen.codec if args.codec is None else _same_codes(load_codec(args.codec), gen.codec, args.codec)
             src = ckpt if ckpt.is_dir() else ckpt.parent
             extra = {PROMPT_FILE: (src / PROMPT_FILE).read_text()} if (src / PROMPT_FILE).is_file() else {}
-            out = export_transformers(gen.params, gen.cfg, args.output, codec=gen.codec, tokenizer=gen.tokenizer,
+            out = export_transformers(gen.params, gen.cfg, args.output, codec=codec, tokenizer=gen.tokenizer,
                                       dtype=args.dtype, extra_files=extra, sampling=gen.sampling)
             for preset in gen.voices.values():
                 save_voice(out, preset.name, preset.turns)
