@@ -210,3 +210,20 @@ def test_bucketed_encode_equals_the_streaming_encoder_and_compiles_per_bucket(ti
         np.testing.assert_array_equal(np.asarray(tiny_codec.encode_bucketed(audio)), want)
         new = encode_fn._cache_size() - compiled_before
         assert new == (n == 3 * FRAME)  # 1..8 frames share the 8-frame bucket: only the first call compiles
+
+
+def test_resynthesis_on_length_buckets_equals_decoding_the_codes(tiny_codec: csm_jax.MimiCodec) -> None:
+    """`resynthesize`: decode(encode_bucketed(audio)) cut to the input's length (the silence appended for the
+    bucket changes none of it: both halves are causal), compiled once per bucket."""
+    from csm_jax.codec import codec as codec_module
+
+    rng = np.random.default_rng(4)
+    decode_fn = codec_module._offline_fns(tiny_codec.config)[1]
+    for n in (9 * FRAME + 11, 12 * FRAME - 5, 16 * FRAME):
+        audio = (0.1 * rng.standard_normal((2, n))).astype(np.float32)
+        want = np.asarray(tiny_codec.decode(tiny_codec.encode_bucketed(audio)))[:, :n]
+        compiled_before = decode_fn._cache_size()
+        got = np.asarray(tiny_codec.resynthesize(audio))
+        assert got.shape == (2, n) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert decode_fn._cache_size() - compiled_before == (n == 9 * FRAME + 11)  # 9..16 frames: one bucket

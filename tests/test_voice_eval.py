@@ -27,11 +27,8 @@ SENTENCES = heldout(12, seed=0)
 class Passthrough:
     """A lossless stand-in codec: its rendering of a voice is the voice itself."""
 
-    def encode(self, audio: np.ndarray) -> np.ndarray:
+    def resynthesize(self, audio: np.ndarray) -> np.ndarray:
         return np.asarray(audio)
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        return np.asarray(codes)
 
 
 class Speaker:
@@ -87,6 +84,9 @@ def test_voice_prompting_and_intelligibility_are_measured(follow: bool, held_out
     assert 0.5 < result["duration_ratio_median"] < 2.0
     # another utterance of the prompt voice, through a lossless codec, is told apart from the other voice
     assert result["prompting_ceiling"] >= 0.8, result
+    # against the codec's renderings of the references: through a lossless codec, the same decisions
+    assert result["prompting_accuracy_codec"] == result["prompting_accuracy"]
+    assert result["prompting_ceiling_codec"] == result["prompting_ceiling"]
     if follow:
         assert result["prompting_accuracy"] >= 0.8, result["items"]
         assert abs(result["wer_gap"]) < 0.3

@@ -79,9 +79,22 @@ class MimiCodec:
         unpadded audio may differ in a partial last frame: offline Mimi pads its activations, not the audio.)"""
         audio = _check_audio(audio, batch_ndim=2)
         frames = self.num_frames(audio.shape[-1])
+        return self._encode(self.params, self._pad_to_bucket(audio), self.num_codebooks)[..., :frames]
+
+    def resynthesize(self, audio: Any) -> jax.Array:
+        """audio float32 [B, N] (or [N]) -> its rendering by the codec (`encode_bucketed`, then decode), float32
+        [B, N]. Encoded and decoded on the length bucket, so new lengths do not compile again (both halves are
+        causal: the appended silence leaves the first N samples unchanged)."""
+        audio = _check_audio(audio, batch_ndim=2)
+        codes = self._encode(self.params, self._pad_to_bucket(audio), self.num_codebooks)
+        return self._decode(self.params, codes)[:, : audio.shape[-1]]
+
+    def _pad_to_bucket(self, audio: jax.Array) -> jax.Array:
+        """float32 [B, N] -> [B, frame_size * bucket]: zeros appended up to the `ENCODE_BUCKETS` length (then
+        multiples of 1024 frames) that holds ceil(N / frame_size) frames."""
+        frames = self.num_frames(audio.shape[-1])
         padded = next((b for b in ENCODE_BUCKETS if b >= frames), -(-frames // 1024) * 1024)
-        audio = jnp.pad(audio, ((0, 0), (0, padded * self.frame_size - audio.shape[-1])))
-        return self._encode(self.params, audio, self.num_codebooks)[..., :frames]
+        return jnp.pad(audio, ((0, 0), (0, padded * self.frame_size - audio.shape[-1])))
 
     def decode(self, codes: Any) -> jax.Array:
         """codes int [B, K, T] -> float32 audio [B, frame_size * T]."""

@@ -19,6 +19,10 @@ register and spread plus the long-term spectral envelope, scaled by the within-v
 held-out utterances; see `csm_jax.evaluation.speaker`). The generated audio can only be as close to a voice as the
 codec renders it, so when the generator has a codec the same test is also applied to the codec's resynthesis of
 another held-out utterance of A (`prompting_ceiling`): what a CSM that reproduced A's codes exactly would score.
+With a codec, both tests are also run against the codec's renderings of A's prompt and of B's utterance instead of
+the recordings (`prompting_accuracy_codec`, `prompting_ceiling_codec`; as VALL-E scores speaker similarity against
+the codec-decoded prompt): a CSM can only speak through its codec, so this separates the voice the CSM chose
+from what the codec does to every voice (the original-reference figures count both).
 
 Reading (`reading_pairs` > 0): `csm_jax.evaluation.reading.reading_profile` on held-out turns of one voice after
 that voice's earlier turn: how much worse the teacher-forced codebook-0 loss gets, through the turn, when the
@@ -72,8 +76,8 @@ class VoiceEvalConfig:
 
 
 def _resynthesis(codec: Any, audio: np.ndarray) -> np.ndarray:
-    """float32 speech [N] -> the codec's rendering of it (encode, then decode), float32 [N]."""
-    return np.asarray(codec.decode(codec.encode(audio[None])))[0, : audio.size]
+    """float32 speech [N] -> the codec's rendering of it (`MimiCodec.resynthesize`), float32 [N]."""
+    return np.asarray(codec.resynthesize(audio[None]))[0]
 
 
 def _by_voice(utterances: Sequence[Utterance]) -> dict[int, list[Utterance]]:
@@ -91,7 +95,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
 
     -> {"wer_generated", "wer_reference", "wer_gap", "duration_ratio_median", "duration_in_range" (fraction of
     turns within 0.5-2x of the reference), "ended" (fraction that emitted the end frame), "prompting_accuracy",
-    "prompting_ceiling" (when `gen.codec` exists; the module docstring), "wer_default_voice",
+    "prompting_ceiling", "prompting_accuracy_codec", "prompting_ceiling_codec" (when `gen.codec` exists; the
+    module docstring), "wer_default_voice",
     "wer_gap_default_voice", "duration_ratio_default_voice", "ended_default_voice" (with `default_voice` and a
     model that has a default preset), "pairs", "sentences", "reading"
     (`reading_profile`'s dict, with reading_pairs > 0), "code_sources"
@@ -113,6 +118,14 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
     max_frames = cfg.max_audio_ms // 80
     generated, references, items, ceiling = [], [], [], []
     codec = getattr(gen, "codec", None)
+    coded_feats: dict[Path, np.ndarray] = {}
+
+    def coded(path: Path) -> np.ndarray:
+        """Speaker features of the codec's rendering of a held-out utterance."""
+        if path not in coded_feats:
+            coded_feats[path] = speaker_features(_resynthesis(codec, audio_of[path]))
+        return coded_feats[path]
+
     default_voice = cfg.default_voice and resolve(getattr(gen, "voices", {}), DEFAULT_VOICE) is not None
     by_default_voice = []
     with tempfile.TemporaryDirectory(prefix="csm-jax-voice-eval-") as tmp:
@@ -130,15 +143,18 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
             d_a = speaker_distance(f_out, feats[prompt.audio], scale)
             d_b = speaker_distance(f_out, feats[other.audio], scale)
             frames = audio.size // 1920
-            if codec is not None:  # the codec's own rendering of another of A's utterances: the prompting ceiling
-                same = voices[voice_a][(i + 1) % len(voices[voice_a])]
-                f_res = speaker_features(_resynthesis(codec, audio_of[same.audio]))
-                ceiling.append(speaker_distance(f_res, feats[prompt.audio], scale)
-                               < speaker_distance(f_res, feats[other.audio], scale))
             items.append({"text": text, "prompt_voice": int(voice_a), "other_voice": int(voice_b),
                           "prompt": str(prompt.audio), "seconds": audio.size / 24000,
                           "reference_seconds": reference.size / 24000, "ended": frames < max_frames,
                           "distance_prompt": d_a, "distance_other": d_b, "prompted": bool(d_a < d_b)})
+            if codec is not None:  # the codec's own rendering of another of A's utterances: the prompting ceiling
+                same = voices[voice_a][(i + 1) % len(voices[voice_a])]
+                f_res, r_a, r_b = (coded(u.audio) for u in (same, prompt, other))
+                ceiling.append([speaker_distance(f_res, feats[prompt.audio], scale)
+                                < speaker_distance(f_res, feats[other.audio], scale),
+                                speaker_distance(f_res, r_a, scale) < speaker_distance(f_res, r_b, scale)])
+                items[-1]["prompted_codec"] = bool(speaker_distance(f_out, r_a, scale)
+                                                   < speaker_distance(f_out, r_b, scale))
             generated.append(audio if audio.size else np.zeros(1920, np.float32))
             if default_voice:  # no context: the default preset prompts the voice
                 alone = gen.generate(text, 0, [], cfg.max_audio_ms, cfg.temperature, cfg.top_k, cfg.seed + i,
@@ -171,7 +187,8 @@ def evaluate_voice(gen: Any, sentences: Sequence[str], held_out: Sequence[Uttera
                    "ended_default_voice": float(np.mean([it["default_voice_ended"] for it in items]))}
         result["wer_gap_default_voice"] = result["wer_default_voice"] - result["wer_reference"]
     if ceiling:
-        result["prompting_ceiling"] = float(np.mean(ceiling))
+        result["prompting_ceiling"], result["prompting_ceiling_codec"] = np.mean(ceiling, axis=0).tolist()
+        result["prompting_accuracy_codec"] = float(np.mean([it["prompted_codec"] for it in items]))
     if cfg.reading_pairs > 0:
         result["reading"] = reading_profile(gen, same_voice_pairs(held_out, cfg.reading_pairs),
                                             [u.text for u in held_out], seed=cfg.seed)
