@@ -125,6 +125,37 @@ def test_losses_are_zero_on_identical_audio_and_grow_with_distortion() -> None:
     assert float(L.hinge_generator([jnp.array([1.0, 3.0])])) == 0.0
 
 
+def _harmonic(f0: np.ndarray, sample_rate: int = 24_000) -> np.ndarray:
+    """A 14-harmonic tone float32 [N] following the F0 track f0 [N] in Hz (a stand-in for a voiced vowel)."""
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    return (0.1 * sum(np.sin(k * phase) / k for k in range(1, 15))).astype(np.float32)
+
+
+def test_periodicity_loss_finds_the_reference_pitch() -> None:
+    """Zero on the reference itself; small for a 3 % detune, large for a wrong pitch, an octave either way or
+    noise; nothing on unvoiced frames; and its gradient moves noise towards the reference's period."""
+    from csm_jax.evaluation.pitch import f0_batch
+
+    t = np.arange(24_000) / 24_000
+    glide = 110.0 * (1 + 0.2 * np.sin(2 * np.pi * 1.5 * t))
+    ref = jnp.asarray(_harmonic(glide)[None])
+    f0 = jnp.asarray(f0_batch(np.asarray(ref)))
+    times = 0.025 + 0.01 * np.arange(96)  # Praat's grid: 10 ms apart, centred in the 1 s
+    tracked = np.asarray(f0)[0]
+    assert f0.shape == (1, 96) and (tracked > 0).mean() > 0.9
+    assert np.median(np.abs(tracked / np.interp(times, t, glide) - 1)[tracked > 0]) < 0.02
+    loss = lambda est: float(L.periodicity_loss(ref, jnp.asarray(est)[None], f0, 24_000))  # noqa: E731
+    noise = np.random.default_rng(0).normal(0, 0.1, t.shape).astype(np.float32)
+    assert loss(ref[0]) == pytest.approx(0.0, abs=1e-6)
+    near, off = loss(_harmonic(glide * 1.03)), loss(_harmonic(glide * 1.25))
+    assert near < 0.2 < 1.0 < off
+    for wrong in (_harmonic(glide * 2), _harmonic(glide / 2), noise):
+        assert loss(wrong) > 1.0
+    assert float(L.periodicity_loss(ref, jnp.asarray(noise)[None], jnp.zeros_like(f0), 24_000)) == 0.0
+    grad = jax.grad(lambda e: L.periodicity_loss(ref, e, f0, 24_000))(jnp.asarray(noise)[None])
+    assert loss(noise - 0.05 * np.asarray(grad)[0] / float(jnp.abs(grad).max())) < loss(noise)
+
+
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory: pytest.TempPathFactory) -> AudioBank:
     """Real speech (the test clips as utterances of three conversations) prepared into an audio bank."""
@@ -156,6 +187,20 @@ def test_a_tiny_codec_learns_to_reconstruct(bank: AudioBank) -> None:
     codec = program.codec(state)
     recon = np.asarray(codec.decode(codec.encode(audio)))
     assert recon.shape == audio.shape and np.isfinite(recon).all()
+
+
+def test_the_pitch_loss_trains_on_the_batchs_f0(bank: AudioBank) -> None:
+    from csm_jax.evaluation.pitch import f0_batch
+
+    cfg = dataclasses.replace(FAST, losses={"pitch": 10.0})
+    program = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
+    state = program.init_state(0)
+    audio = bank.crops(0, 4, program.segment)
+    with pytest.raises(ValueError, match="needs the batch's F0"):
+        program.train_step(state, 0, audio)
+    _, metrics = program.train_step(state, 0, audio, f0=f0_batch(audio))
+    assert 0.0 < float(metrics["pitch"]) <= 2.0  # per voiced frame, |difference| at two lags of correlations
+    assert np.isfinite(float(metrics["loss"]))
 
 
 # the Hydra recipe --------------------------------------------------------------------------------------------
@@ -236,6 +281,37 @@ def test_kill_9_after_a_checkpoint_resumes_exactly(corpus: tuple[str, ...], refe
     after = losses(workdir)
     for step in range(resumed["start_step"] + 1, 13):
         assert after[step] == reference[step], (step, after[step], reference[step])
+
+
+def test_a_new_run_goes_on_from_a_runs_latest_weights_and_discriminator(reference_run: dict[str, Any]) -> None:
+    """codec_train.init = a run's directory: its latest weights, codebooks and discriminator, fresh optimisers;
+    a run with another discriminator is refused by name."""
+    from csm_jax.configs import from_dict
+    from csm_jax.training.codec.trainer import ConfigMismatch, restore_codec, start_from
+
+    workdir = Path(reference_run["workdir"])
+    from csm_jax.training.checkpointing import Checkpointer
+
+    with Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+        meta = ckpt.meta(12)
+    codec_cfg = MimiConfig.from_dict(meta["codec_config"])
+    here = {"mesh": dataclasses.asdict(FAST.mesh)}  # this process's devices, not the recipe's
+    cfg = from_dict(CodecTrainConfig, meta["config"] | here | {"losses": {"pitch": 10.0},
+                                                               "optim": {"learning_rate": 1e-4}})
+    saved, _, step = restore_codec(workdir, codec_cfg, cfg, "latest")
+    program = CodecProgram(codec_cfg, cfg, make_train_mesh(cfg.mesh))
+    fresh = program.init_state(1)
+    state = start_from(program, fresh, workdir)
+    assert step == 12 and int(state.step) == 0
+    for part in ("params", "ema", "disc_params"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(state, part), getattr(saved, part))
+    moments = lambda s: jax.tree.leaves(s.opt_state) + jax.tree.leaves(s.disc_opt_state)  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, moments(state), moments(fresh))
+    other = from_dict(CodecTrainConfig, meta["config"] | here | {"discriminator": meta["config"]["discriminator"]
+                                                                 | {"filters": 8}})
+    program = CodecProgram(codec_cfg, other, make_train_mesh(other.mesh))
+    with pytest.raises(ConfigMismatch, match="discriminator.filters: 4 -> 8"):
+        start_from(program, program.init_state(0), workdir)
 
 
 @pytest.mark.parametrize("case", ["missing_manifest", "missing_audio", "corrupt_audio", "bad_strides",

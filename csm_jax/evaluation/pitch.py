@@ -35,6 +35,12 @@ def f0_track(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, time_step: float
     return f0, f0 > 0
 
 
+def f0_batch(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, **track_kwargs: float) -> np.ndarray:
+    """`f0_track` of each row of float audio [B, N] -> float32 [B, T] in Hz, 0 where unvoiced (equal-length rows
+    share one grid): the codec trainer's pitch targets."""
+    return np.stack([f0_track(row, sample_rate, **track_kwargs)[0] for row in np.asarray(audio)]).astype(np.float32)
+
+
 def f0_error(ref: np.ndarray, est: np.ndarray, sample_rate: int = SAMPLE_RATE,
              **track_kwargs: float) -> dict[str, float]:
     """Frame-wise F0 agreement of float waveforms [N] (both cut to the shorter length so the frames align).

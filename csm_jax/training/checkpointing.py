@@ -79,6 +79,10 @@ class Checkpointer:
         restored = self.manager.restore(int(step), args=args)
         return restored.state, restored.meta
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON `meta` saved with `step`, without restoring the state."""
+        return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -12,9 +12,11 @@ from csm_jax.training.mesh import DistributedConfig, MeshConfig
 # EnCodec/DAC-style defaults. `mel` is DAC's multi-scale mel L1 (weight 15); `stft` multi-resolution spectral
 # convergence + log magnitude; `waveform` L1 (off by default); `commit` the EMA-VQ commitment (EnCodec: 1);
 # `adversarial` hinge and `feature` relative feature matching (DAC: 1 and 2); `distill` the semantic codebook's
-# cosine distance to a teacher feature (Mimi's WavLM distillation; used only with a teacher).
+# cosine distance to a teacher feature (Mimi's WavLM distillation; used only with a teacher); `pitch` the
+# reconstruction's periodicity at the reference's pitch period (`losses.periodicity_loss`, Praat F0 of each crop;
+# off by default).
 LOSS_WEIGHTS = {"mel": 15.0, "stft": 1.0, "waveform": 0.0, "commit": 1.0, "adversarial": 1.0, "feature": 2.0,
-                "distill": 1.0}
+                "distill": 1.0, "pitch": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,9 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "eval_every", "eval_utt
 class CodecTrainConfig:
     """max_steps: generator updates in all; init: a Mimi checkpoint (anything `load_codec` reads: a trained run's
     export, the official kyutai/mimi) whose weights and codebooks a new run starts from (fine-tuning; fresh
-    optimiser and discriminator); batch_size x segment_frames codec frames of audio per step;
+    optimiser and discriminator), or a codec training run's directory, whose latest weights, codebooks and
+    discriminator it goes on from (fresh optimisers; other losses, crops or learning rates);
+    batch_size x segment_frames codec frames of audio per step;
     adversarial_start: step from which the discriminator trains and the adversarial/feature losses apply
     (None: never); freeze_codes_at: step from which what makes the codes (encoder, encoder transformer,
     downsampling, quantizer input projections, EMA codebooks) stays fixed and only the decoder side trains, so a

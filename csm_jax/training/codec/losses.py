@@ -4,6 +4,8 @@
   size, `n_mels` growing with the window, summed over scales.
 - `stft_loss`: multi-resolution STFT (Parallel WaveGAN-style): spectral convergence plus L1 of log magnitudes.
 - `waveform_l1`: mean absolute error of the samples.
+- `periodicity_loss`: pitch supervision. On the frames the reference voices, the reconstruction's normalised
+  autocorrelation at the reference's pitch period (and at half of it) should equal the reference's own.
 - `hinge_discriminator` / `hinge_generator` / `feature_matching`: EnCodec's adversarial terms.
 """
 
@@ -74,6 +76,47 @@ def stft_loss(ref: jax.Array, est: jax.Array, windows: Sequence[int] = (512, 102
 
 def waveform_l1(ref: jax.Array, est: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(ref - est))
+
+
+def _normalised_autocorrelation(x: jax.Array, starts: jax.Array, lags: jax.Array, window: int) -> jax.Array:
+    """x float32 [B, N]; starts int32 [B, T] (first sample of each window); lags float32 [B, T] (samples, >= 1) ->
+    float32 [B, T]: sum x[n] x[n + lag] / sqrt(sum x[n]^2 sum x[n + lag]^2) over the `window` samples from each
+    start, fractional lags by linear interpolation. Indices past the signal are clamped (callers mask them)."""
+    n = starts[..., None] + jnp.arange(window)  # [B, T, W]
+    whole = jnp.floor(lags).astype(jnp.int32)[..., None]
+    frac = (lags - jnp.floor(lags))[..., None]
+    last = x.shape[1] - 1
+    take = jax.vmap(lambda row, idx: row[jnp.clip(idx, 0, last)])
+    here = take(x, n)
+    there = (1.0 - frac) * take(x, n + whole) + frac * take(x, n + whole + 1)
+    num = jnp.sum(here * there, -1)
+    return num / jnp.sqrt(jnp.maximum(jnp.sum(here**2, -1) * jnp.sum(there**2, -1), 1e-12))
+
+
+def periodicity_loss(ref: jax.Array, est: jax.Array, f0: jax.Array, sample_rate: int, time_step: float = 0.01,
+                     window_s: float = 0.04) -> jax.Array:
+    """Pitch loss: mean over the frames the reference voices of |rho_ref(P) - rho_est(P)| + |rho_ref(P/2) -
+    rho_est(P/2)|, where rho is the normalised autocorrelation over a `window_s` window centred on the frame and
+    P = sample_rate / f0 the reference's period (rho at P/2 tells an octave-up rendering apart).
+
+    ref, est float32 [B, N]; f0 float32 [B, T] in Hz, 0 where unvoiced, on `csm_jax.evaluation.pitch.f0_track`'s
+    grid (frames `time_step` s apart, centred in the N samples). Unlike spectral distances, whose gradient with
+    respect to F0 oscillates as harmonics slide past each other, this pulls each sample towards the samples one
+    reference period away, so it teaches a decoder where the period is however far off its pitch starts.
+    """
+    window = round(window_s * sample_rate)
+    frames = f0.shape[1]
+    first = (ref.shape[1] / sample_rate - (frames - 1) * time_step) / 2
+    centres = jnp.round((first + time_step * jnp.arange(frames)) * sample_rate).astype(jnp.int32)
+    starts = jnp.broadcast_to(centres - window // 2, f0.shape)
+    voiced = f0 > 0
+    period = sample_rate / jnp.where(voiced, f0, 1.0)
+    valid = voiced & (starts >= 0) & (starts + window + period + 1 < ref.shape[1])
+    total = jnp.zeros(f0.shape, jnp.float32)
+    for lag in (period, period / 2):
+        total += jnp.abs(_normalised_autocorrelation(ref, starts, lag, window)
+                         - _normalised_autocorrelation(est, starts, lag, window))
+    return jnp.sum(jnp.where(valid, total, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def hinge_discriminator(real_logits: Sequence[jax.Array], fake_logits: Sequence[jax.Array]) -> jax.Array:

@@ -113,6 +113,14 @@ class CodecProgram:
                             opt_state=self.tx.init(params))
         return jax.device_put(new, self.replicated)  # laid out as the steps return it: one compile, not two
 
+    def continue_from(self, state: CodecState, saved: CodecState) -> CodecState:
+        """`state` with the weights, codebooks and discriminator of `saved` (another run's state with this codec,
+        discriminator and distillation layout) and fresh optimiser states: a new run (other losses, learning
+        rate, crops) that goes on from where that one stood, without a discriminator that starts from scratch."""
+        new = state.replace(params=saved.params, ema=saved.ema, opt_state=self.tx.init(saved.params),
+                            disc_params=saved.disc_params, disc_opt_state=self.disc_tx.init(saved.disc_params))
+        return jax.device_put(new, self.replicated)
+
     def codec(self, state: CodecState, num_codebooks: int | None = None) -> MimiCodec:
         """The inference codec of `state` (codebooks = EMA centroids)."""
         params = jax.device_get(with_codebooks(state.params["mimi"], state.ema))
@@ -120,8 +128,8 @@ class CodecProgram:
 
     # step -----------------------------------------------------------------------------------------------------
     def _forward(self, params: Any, ema: Any, audio: jax.Array, key: jax.Array, teacher: jax.Array | None,
-                 frozen: bool = False) -> tuple[jax.Array, dict[str, Any], dict[str, jax.Array]]:
-        """-> (reconstruction [B, N], rvq aux, reconstruction/commit/distill loss terms)."""
+                 f0: jax.Array | None, frozen: bool = False) -> tuple[jax.Array, dict[str, Any], dict[str, jax.Array]]:
+        """-> (reconstruction [B, N], rvq aux, reconstruction/commit/distill/pitch loss terms)."""
         mimi = with_codebooks(params["mimi"], ema)
         latent = self.model.apply({"params": mimi}, audio, method=Mimi.encode_latent)
         if frozen:
@@ -137,6 +145,8 @@ class CodecProgram:
             terms["stft"] = L.stft_loss(audio, recon)
         if w["waveform"]:
             terms["waveform"] = L.waveform_l1(audio, recon)
+        if w["pitch"]:
+            terms["pitch"] = L.periodicity_loss(audio, recon, f0, self.codec_cfg.sample_rate)
         if teacher is not None:
             pred = aux["semantic"] @ params["distill"]["kernel"]
             t = min(pred.shape[1], teacher.shape[1])
@@ -148,13 +158,13 @@ class CodecProgram:
     def _step_fn(self, adversarial: bool, frozen: bool) -> Callable[..., tuple[CodecState, dict[str, Any]]]:
         w = self.weights
 
-        def step(state: CodecState, audio: jax.Array, teacher: jax.Array | None
+        def step(state: CodecState, audio: jax.Array, teacher: jax.Array | None, f0: jax.Array | None
                  ) -> tuple[CodecState, dict[str, Any]]:
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             n_adv = self.cfg.discriminator.batch or audio.shape[0]
 
             def gen_loss(params: Any) -> tuple[jax.Array, Any]:
-                recon, aux, terms = self._forward(params, state.ema, audio, key, teacher, frozen)
+                recon, aux, terms = self._forward(params, state.ema, audio, key, teacher, f0, frozen)
                 if adversarial:
                     fake_logits, fake_feats = self.disc.apply({"params": state.disc_params}, recon[:n_adv])
                     _, real_feats = self.disc.apply({"params": state.disc_params}, audio[:n_adv])
@@ -192,14 +202,19 @@ class CodecProgram:
 
         return step
 
-    def train_step(self, state: CodecState, step: int, audio: np.ndarray, teacher: np.ndarray | None = None
-                   ) -> tuple[CodecState, dict[str, Any]]:
+    def train_step(self, state: CodecState, step: int, audio: np.ndarray, teacher: np.ndarray | None = None,
+                   f0: np.ndarray | None = None) -> tuple[CodecState, dict[str, Any]]:
         """Update `step` (= state.step, passed so the host never waits for the device) on audio float32
-        [B, segment] (teacher features [B, frames, dim] with distillation)."""
+        [B, segment] (teacher features [B, frames, dim] with distillation; the audio's F0 float32 [B, T] in Hz,
+        `csm_jax.evaluation.pitch.f0_batch`, with the pitch loss)."""
+        if self.weights["pitch"] and f0 is None:
+            raise ValueError("the pitch loss needs the batch's F0 (f0_batch)")
         stage = self.cfg.stage(step)
         if stage not in self._steps:
             self._steps[stage] = jax.jit(self._step_fn(*stage), donate_argnums=0)
         audio = jax.device_put(audio, self.batch_sharding)
         if teacher is not None:
             teacher = jax.device_put(teacher, self.batch_sharding)
-        return self._steps[stage](state, audio, teacher)
+        if f0 is not None:
+            f0 = jax.device_put(f0, self.batch_sharding)
+        return self._steps[stage](state, audio, teacher, f0 if self.weights["pitch"] else None)

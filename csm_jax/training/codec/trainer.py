@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
+from csm_jax.evaluation.pitch import f0_batch
 from csm_jax.training.checkpointing import Checkpointer
-from csm_jax.training.codec.config import RESUMABLE_CHANGES, SCHEDULE_CHANGES, CodecTrainConfig
+from csm_jax.training.codec.config import LOSS_WEIGHTS, RESUMABLE_CHANGES, SCHEDULE_CHANGES, CodecTrainConfig
 from csm_jax.training.codec.data import AudioBank
 from csm_jax.training.codec.step import CodecProgram, CodecState
 from csm_jax.training.mesh import make_train_mesh, maybe_initialize_distributed
@@ -62,8 +63,10 @@ def _diff(saved: Any, now: Any, where: str = "", step: int = 0) -> list[str]:
 
 
 def check_resume(meta: dict[str, Any], cfg: CodecTrainConfig, codec_cfg: MimiConfig) -> None:
-    """Raise ConfigMismatch naming every setting that differs from the checkpoint's."""
-    changes = _diff(meta["config"], cfg.to_dict(), step=int(meta["step"]))
+    """Raise ConfigMismatch naming every setting that differs from the checkpoint's (a loss weight left out counts
+    as its default)."""
+    weights = lambda config: config | {"losses": LOSS_WEIGHTS | dict(config.get("losses") or {})}  # noqa: E731
+    changes = _diff(weights(meta["config"]), weights(cfg.to_dict()), step=int(meta["step"]))
     changes += _diff(meta["codec_config"], codec_cfg.to_dict(), "codec.")
     if changes:
         raise ConfigMismatch("cannot resume: the settings differ from the checkpoint's (use a new workdir, or "
@@ -103,6 +106,30 @@ def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: f
     return out
 
 
+def start_from(program: CodecProgram, state: CodecState, init: str | Path) -> CodecState:
+    """A new run's first state from `init`: a codec training run's directory (the weights, codebooks and
+    discriminator of its latest checkpoint; its codec, discriminator and distillation settings must be this
+    run's) or anything `load_codec` reads (weights and codebooks; the discriminator starts from scratch)."""
+    checkpoints = Path(init) / "checkpoints"
+    if not checkpoints.is_dir():
+        from csm_jax.codec.codec import load_codec
+
+        return program.start_from(state, load_codec(init))
+    with Checkpointer(checkpoints, async_save=False) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"codec_train.init: no checkpoint in {checkpoints}")
+        meta = ckpt.meta(step)
+        keys = ("discriminator", "distill")
+        now = {"codec": program.codec_cfg.to_dict()} | {k: program.cfg.to_dict()[k] for k in keys}
+        saved_cfg = {"codec": meta["codec_config"]} | {k: meta["config"][k] for k in keys}
+        changes = _diff(saved_cfg, now)
+        if changes:
+            raise ConfigMismatch(f"codec_train.init: the run in {init} has other settings:\n  " + "\n  ".join(changes))
+        saved, _ = ckpt.restore(program.abstract_state_sharded(), step)
+    return program.continue_from(state, saved)
+
+
 def _window_mean(window: list[dict[str, Any]]) -> dict[str, Any]:
     host = jax.device_get(window)
     return {k: np.mean([np.asarray(m[k], np.float64) for m in host if k in m], axis=0)
@@ -129,17 +156,15 @@ def train_codec(cfg: CodecTrainConfig, codec_cfg: MimiConfig, train_bank: AudioB
     try:
         latest = checkpointer.latest_step() if cfg.resume else None
         if latest is not None:
-            meta = checkpointer.manager.restore(latest, args=_meta_args()).meta
+            meta = checkpointer.meta(latest)
             check_resume(meta, cfg, codec_cfg)
             state, _ = checkpointer.restore(program.abstract_state_sharded(), latest)
             log.info("resumed from step %d (%s)", latest, checkpointer.directory)
         else:
             state = program.init_state(cfg.seed)
             if cfg.init:
-                from csm_jax.codec.codec import load_codec
-
-                state = program.start_from(state, load_codec(cfg.init))
-                log.info("started from the codec %s", cfg.init)
+                state = start_from(program, state, cfg.init)
+                log.info("started from %s", cfg.init)
         step = int(jax.device_get(state.step))
         summary.update(start_step=step, resumed=latest is not None)
         log.info("codec parameters: %d; discriminator: %d", _count(state.params), _count(state.disc_params))
@@ -150,7 +175,8 @@ def train_codec(cfg: CodecTrainConfig, codec_cfg: MimiConfig, train_bank: AudioB
         while step < cfg.max_steps:
             audio = train_bank.crops(step, cfg.batch_size, program.segment, cfg.seed)
             feats = teacher(audio, codec_cfg.sample_rate) if teacher else None
-            state, metrics = program.train_step(state, step, audio, feats)
+            f0 = f0_batch(audio, codec_cfg.sample_rate) if cfg.weights["pitch"] else None
+            state, metrics = program.train_step(state, step, audio, feats, f0)
             step += 1
             window.append(metrics)
             bar.update(1)
@@ -199,12 +225,6 @@ def restore_codec(workdir: str | Path, codec_cfg: MimiConfig, cfg: CodecTrainCon
             raise FileNotFoundError(f"no codec checkpoint in {workdir}/checkpoints")
         state, _ = ckpt.restore(program.abstract_state_sharded(), int(step))
     return state, program, int(step)
-
-
-def _meta_args() -> Any:
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(meta=ocp.args.JsonRestore())
 
 
 def _count(tree: Any) -> int:
