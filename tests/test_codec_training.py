@@ -260,6 +260,32 @@ def test_recipe_trains_evaluates_and_exports_a_codec_transformers_reads(referenc
     np.testing.assert_allclose(decoded, np.asarray(codec.decode(ours)), atol=1e-4)
 
 
+def test_evaluate_codec_scores_the_export_as_the_run_did_and_per_voice(corpus: tuple[str, ...],
+                                                                      reference_run: dict[str, Any],
+                                                                      tmp_path: Path) -> None:
+    """train/evaluate_codec.py on the run's export, with the in-run evaluation's utterances and cut, gives that
+    evaluation's numbers at the exported step, and breaks them down by voice."""
+    workdir = Path(reference_run["workdir"])
+    out = tmp_path / "codec_eval.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "evaluate_codec.py"), *command(*corpus)[2:],
+                           f"workdir={workdir}", "evaluate_codec.utterances=2", "evaluate_codec.max_seconds=4.0",
+                           "evaluate_codec.asr=false", f"evaluate_codec.out={out}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = result(proc)
+    assert json.loads(out.read_text()) == report
+    assert report["codec"] == str(Path(reference_run["export"]) / "codec") and report["utterances"] == 2
+    step = int((Path(reference_run["export"]) / "STEP").read_text())
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    in_run = next(r for r in records if r["step"] == step and "eval/mel_distance" in r)
+    for key in ("mel_distance", "si_snr", "f0_rel_error", "voicing_agreement"):
+        np.testing.assert_allclose(report[key], in_run[f"eval/{key}"], rtol=1e-4, err_msg=key)
+    speakers = report["speakers"]
+    assert sum(v["utterances"] for v in speakers.values()) == 2
+    assert all(set(v) == {"utterances", "f0_hz", "f0_rel_error", "f0_unscored", "voicing_agreement"}
+               for v in speakers.values())
+
+
 def test_kill_9_after_a_checkpoint_resumes_exactly(corpus: tuple[str, ...], reference_run: dict[str, Any],
                                                   tmp_path: Path) -> None:
     settings = LOG_EVERY_STEP

@@ -3,10 +3,12 @@
     cfg = {"codec": {"config": {...}}, "data": {"manifest": ...}, "codec_train": {...}, "codec_audio": ...,
            "workdir": ..., "export": ...}
     run_codec_training(cfg)      # prepare audio (once), train (resuming), export the best checkpoint
+    evaluate_trained_codec(cfg)  # held-out resynthesis of the export (or of `codec.path`), per voice
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,11 +20,11 @@ from csm_jax.data.manifest import read_manifest
 from csm_jax.training.codec.config import CodecTrainConfig
 from csm_jax.training.codec.data import AudioBank, prepare_audio
 from csm_jax.training.codec.rvq import HALVES
-from csm_jax.training.codec.trainer import restore_codec, train_codec
+from csm_jax.training.codec.trainer import evaluate_codec, restore_codec, train_codec
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"codec", "data", "codec_train", "codec_audio", "workdir", "export", "export_checkpoint", "mesh",
-            "distributed", "paths", "seed"}
+            "distributed", "paths", "seed", "evaluate_codec"}
 
 
 def codec_config(cfg: dict[str, Any]) -> MimiConfig:
@@ -54,19 +56,49 @@ def run_codec_training(cfg: dict[str, Any]) -> dict[str, Any]:
     """Prepare `data.manifest` into `codec_audio`, train in `workdir`, export the best checkpoint to `export`."""
     _check_keys(cfg)
     mc, tc = codec_config(cfg), train_config(cfg)
-    manifest = Path(cfg["data"]["manifest"])
-    audio_dir = prepare_audio(manifest, cfg["codec_audio"], eval_conversations=int(cfg["data"]["eval_conversations"]),
-                              seed=int(cfg.get("seed", 0)), sample_rate=mc.sample_rate, progress=tc.progress)
+    audio_dir = _prepared_audio(cfg, mc, tc.progress)
     train_bank, eval_bank = AudioBank.open(audio_dir, "train"), AudioBank.open(audio_dir, "eval")
     log.info("codec audio: %.2f h train, %.2f h held out", train_bank.hours, eval_bank.hours)
-    asr = None
-    if tc.eval_asr:
-        from csm_jax.evaluation import Intelligibility
-
-        asr = Intelligibility(u.text for u in read_manifest(manifest))
-    summary = train_codec(tc, mc, train_bank, eval_bank, cfg["workdir"], asr)
+    summary = train_codec(tc, mc, train_bank, eval_bank, cfg["workdir"], _asr(cfg) if tc.eval_asr else None)
     summary["export"] = str(export_codec(cfg, "best"))
     return summary
+
+
+def evaluate_trained_codec(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Held-out resynthesis (`trainer.evaluate_codec`, per voice) of `codec.path` when set, else of the run's
+    export (`<export>/codec`), on the corpus's held-out split as training prepared it. Settings under
+    `evaluate_codec` (utterances, max_seconds, batch, asr, out: a JSON file also written there) -> the metrics with
+    "codec" (what was evaluated) and "utterances"."""
+    from csm_jax.codec.codec import load_codec
+
+    _check_keys(cfg)
+    ev = cfg["evaluate_codec"]
+    path = Path(cfg["codec"].get("path") or Path(cfg["export"]) / "codec")
+    if not path.exists():
+        raise FileNotFoundError(f"no codec at {path}: set codec.path, or export the run first (train/export_codec.py)")
+    codec = load_codec(path)
+    bank = AudioBank.open(_prepared_audio(cfg, codec.config, progress=False), "eval")
+    result = evaluate_codec(codec, bank, int(ev["utterances"]), float(ev["max_seconds"]),
+                            _asr(cfg) if ev["asr"] else None, batch=int(ev["batch"]), by_speaker=True)
+    result = {"codec": str(path), "utterances": min(int(ev["utterances"]), len(bank))} | result
+    if ev.get("out"):
+        Path(ev["out"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(ev["out"]).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _prepared_audio(cfg: dict[str, Any], mc: MimiConfig, progress: bool) -> Path:
+    """The corpus resampled for the codec, split as training splits it (prepared once, then reused)."""
+    return prepare_audio(Path(cfg["data"]["manifest"]), cfg["codec_audio"],
+                         eval_conversations=int(cfg["data"]["eval_conversations"]), seed=int(cfg.get("seed", 0)),
+                         sample_rate=mc.sample_rate, progress=progress)
+
+
+def _asr(cfg: dict[str, Any]) -> Any:
+    """The recogniser of the codec metrics, its language model from the corpus text."""
+    from csm_jax.evaluation import Intelligibility
+
+    return Intelligibility(u.text for u in read_manifest(Path(cfg["data"]["manifest"])))
 
 
 def export_checkpoint(cfg: dict[str, Any]) -> dict[str, Any]:

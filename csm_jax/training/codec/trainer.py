@@ -73,29 +73,36 @@ def check_resume(meta: dict[str, Any], cfg: CodecTrainConfig, codec_cfg: MimiCon
                              "restore them):\n  " + "\n  ".join(changes))
 
 
-def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: float, asr: Any = None
-                   ) -> dict[str, float]:
-    """Held-out resynthesis: the first `count` utterances of `bank` (cut to `max_seconds`), encoded and decoded in
-    one padded batch -> mean mel distance, SI-SNR (dB), median relative F0 error and voicing agreement, and the
-    word error rates of the original and the resynthesis when `asr` (an `Intelligibility`) is given."""
-    from csm_jax.evaluation import f0_error, mel_distance, si_snr
+def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: float, asr: Any = None,
+                   batch: int = 16, by_speaker: bool = False) -> dict[str, Any]:
+    """Held-out resynthesis of the first `count` utterances of `bank` (cut to `max_seconds`), encoded and decoded
+    in padded batches of `batch`.
+
+    Returns floats: mean mel distance and SI-SNR (dB); `f0_rel_error`, the median over utterances of each one's
+    median relative F0 error on the frames voiced in both (`csm_jax.evaluation.f0_error`); `f0_unscored`, how
+    many utterances had no such frame (they drop out of that median: a rendering that loses voicing must not pass
+    for one that keeps pitch); `f0_gross_error` (mean fraction of those frames off by > 20 %) and
+    `voicing_agreement`; the word error rates of the original and the resynthesis when `asr` (an
+    `Intelligibility`) is given. With `by_speaker`, also "speakers": {speaker id (str): {"utterances",
+    "f0_hz" (median reference F0), "f0_rel_error", "f0_unscored", "voicing_agreement"}}, ordered by F0."""
+    from csm_jax.evaluation import f0_error, f0_track, mel_distance, si_snr
 
     n = min(count, len(bank))
     limit = int(max_seconds * bank.sample_rate)
     refs = [bank.utterance(i)[:limit] for i in range(n)]
-    length = codec.num_frames(max(len(r) for r in refs)) * codec.frame_size
-    batch = np.zeros((n, length), np.float32)
-    for i, r in enumerate(refs):
-        batch[i, : len(r)] = r
-    recon = np.asarray(codec.decode(codec.encode(batch)))
-    ests = [recon[i, : len(r)] for i, r in enumerate(refs)]
+    ests: list[np.ndarray] = []
+    for start in range(0, n, batch):
+        chunk = refs[start: start + batch]
+        padded = np.zeros((len(chunk), codec.num_frames(max(len(r) for r in chunk)) * codec.frame_size), np.float32)
+        for i, r in enumerate(chunk):
+            padded[i, : len(r)] = r
+        recon = np.asarray(codec.decode(codec.encode(padded)))
+        ests += [recon[i, : len(r)] for i, r in enumerate(chunk)]
     sr = bank.sample_rate
     f0 = [f0_error(r, e, sr) for r, e in zip(refs, ests)]
-    rel = [m["median_rel_error"] for m in f0 if m["voiced_frames"] > 0]
-    out = {"mel_distance": float(np.mean([mel_distance(r, e, sr) for r, e in zip(refs, ests)])),
-           "si_snr": float(np.mean([si_snr(r, e) for r, e in zip(refs, ests)])),
-           "f0_rel_error": float(np.median(rel)) if rel else float("nan"),
-           "voicing_agreement": float(np.mean([m["voicing_agreement"] for m in f0]))}
+    out: dict[str, Any] = {"mel_distance": float(np.mean([mel_distance(r, e, sr) for r, e in zip(refs, ests)])),
+                           "si_snr": float(np.mean([si_snr(r, e) for r, e in zip(refs, ests)]))}
+    out |= _f0_summary(f0)
     if asr is not None:
         texts = [bank.texts[i] for i in range(n)]
         full = [bank.utterance(i) for i in range(n)]
@@ -103,7 +110,29 @@ def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: f
             raise ValueError("word error rates need whole utterances: raise eval_max_seconds")
         out["wer_original"] = asr.wer(refs, texts, sr)
         out["wer_resynthesis"] = asr.wer(ests, texts, sr)
+    if by_speaker:
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(int(bank.speakers[i]), []).append(i)
+        rows = {}
+        for spk, idx in groups.items():
+            tracks = [f0_track(refs[i], sr) for i in idx]
+            voiced = np.concatenate([f[v] for f, v in tracks])
+            summary = _f0_summary([f0[i] for i in idx])
+            rows[spk] = {"utterances": len(idx), "f0_hz": float(np.median(voiced)) if voiced.size else float("nan"),
+                         "f0_rel_error": summary["f0_rel_error"], "f0_unscored": summary["f0_unscored"],
+                         "voicing_agreement": summary["voicing_agreement"]}
+        out["speakers"] = {str(k): rows[k] for k in sorted(rows, key=lambda k: (np.nan_to_num(rows[k]["f0_hz"]), k))}
     return out
+
+
+def _f0_summary(f0: list[dict[str, float]]) -> dict[str, float]:
+    """`f0_error` results of several utterances -> f0_rel_error, f0_unscored, f0_gross_error, voicing_agreement."""
+    scored = [m for m in f0 if m["voiced_frames"] > 0]
+    return {"f0_rel_error": float(np.median([m["median_rel_error"] for m in scored])) if scored else float("nan"),
+            "f0_unscored": float(len(f0) - len(scored)),
+            "f0_gross_error": float(np.mean([m["gross_error_rate"] for m in scored])) if scored else float("nan"),
+            "voicing_agreement": float(np.mean([m["voicing_agreement"] for m in f0]))}
 
 
 def start_from(program: CodecProgram, state: CodecState, init: str | Path) -> CodecState:
