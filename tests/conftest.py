@@ -1,13 +1,15 @@
-"""Test setup: 8 virtual CPU devices (sharding tests), no network access to the hub, and one persistent XLA
-compilation cache for the session, shared by every process the tests start (servers, training runs): the same
-programs compile once per run instead of once per process."""
+"""Test setup: 8 virtual CPU devices (sharding tests) and XLA:CPU's fast-compile preset (tests/xla_env.py), no
+network access to the hub, and one persistent XLA compilation cache for the session, shared by every process the
+tests start (servers, training runs): the same programs compile once per run instead of once per process."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_env import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # fresh per session: nothing carries over between runs
     _cache = tempfile.mkdtemp(prefix="csm_jax_test_xla_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from chat_server import ChatServer
 from websockets.asyncio.client import ClientConnection, connect
+from xla_env import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"websocket: (ws://\S+)")
@@ -49,7 +50,7 @@ def start_server_process(workdir: Path, cache_dir: Path, *overrides: str, db_pat
     """`python -m serve` on a free port with its database in `workdir`; returns once it is accepting. It serves the
     tiny random model (RANDOM_MODEL: these tests are about the server) unless `overrides` name a model."""
     db_path = db_path or workdir / "conversations.db"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as in production
+    env = subprocess_env()  # one CPU device, as in production
     model = [] if any(o.startswith(("model.random_seed=", "model.path=")) for o in overrides) else [RANDOM_MODEL]
     cmd = [sys.executable, "-m", "serve", "server.port=0", f"storage.path={db_path}",
            f"engine.compile_cache_dir={cache_dir}", "engine.warmup_rows=128", "engine.batch_size=4",
@@ -76,8 +77,9 @@ def start_server_process(workdir: Path, cache_dir: Path, *overrides: str, db_pat
 
 
 @pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("xla-cache")
+def xla_cache() -> Path:
+    """The run's persistent compilation cache (tests/conftest.py), shared by both xdist workers' servers."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")

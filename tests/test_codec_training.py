@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from recipe_outputs import losses, result
+from xla_env import subprocess_env
 
 from csm_jax import load_audio
 from csm_jax.codec.config import MimiConfig
@@ -40,7 +40,7 @@ from csm_jax.training.mesh import MeshConfig, make_train_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = subprocess_env()  # one CPU device, as a user's run
 TINY = MimiConfig(hidden_size=64, num_filters=8, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16,
                   intermediate_size=128, codebook_dim=32, codebook_size=256, num_quantizers=4, upsample_groups=64)
 # One training config for the in-process tests (variants differ only in stages), so they share compiled programs.
@@ -336,8 +336,8 @@ def test_a_new_run_goes_on_from_a_runs_latest_weights_and_discriminator(referenc
     other = from_dict(CodecTrainConfig, meta["config"] | here | {"discriminator": meta["config"]["discriminator"]
                                                                  | {"filters": 8}})
     program = CodecProgram(codec_cfg, other, make_train_mesh(other.mesh))
-    with pytest.raises(ConfigMismatch, match="discriminator.filters: 4 -> 8"):
-        start_from(program, program.init_state(0), workdir)
+    with pytest.raises(ConfigMismatch, match="discriminator.filters: 4 -> 8"):  # refused before any state is made
+        start_from(program, fresh, workdir)
 
 
 @pytest.mark.parametrize("case", ["missing_manifest", "missing_audio", "corrupt_audio", "bad_strides",

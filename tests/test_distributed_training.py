@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from distributed_worker import CFG, CONFIG, batches
+from xla_env import subprocess_env
 
 from csm_jax.training.mesh import DistributedConfig
 from csm_jax.training.metrics import read_jsonl
@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 def _launch(workdir: Path, max_steps: int, **distributed) -> subprocess.Popen:
     """A worker process with 4 CPU devices."""
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(4, JAX_PLATFORMS="cpu")
     args = {"workdir": str(workdir), "max_steps": max_steps, "distributed": {"enabled": True, **distributed}}
     return subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

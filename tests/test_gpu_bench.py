@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from xla_env import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_bench.py"
@@ -18,8 +19,7 @@ SCRIPT = ROOT / "bench" / "gpu_bench.py"
 
 def run_bench(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path / "gpu_bench.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the bench is run
-    env["JAX_PLATFORMS"] = "cpu"
+    env = subprocess_env(JAX_PLATFORMS="cpu")  # one CPU device, as the bench is run
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,7 +9,6 @@ get theirs from JAX_NUM_CPU_DEVICES, since `start_server_process` drops XLA_FLAG
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from serve_fixtures import FRAME_BYTES, RANDOM_MODEL, ROOT, Client, run, start_server_process
+from xla_env import subprocess_env
 
 from csm_jax.serving.config import MeshConfig, ModelConfig, ServeConfig
 from csm_jax.serving.scheduler import Request, Result, Scheduler
@@ -110,7 +110,7 @@ def test_the_server_starts_on_a_mesh_and_answers(tmp_path: Path, xla_cache: Path
 ])
 def test_a_mesh_that_does_not_fit_stops_the_server_with_one_line(tmp_path: Path, overrides: list[str],
                                                                  message: str) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, "-m", "serve", "server.port=0", f"storage.path={tmp_path / 'db'}",
                            "engine.warmup_rows=0", RANDOM_MODEL, f"hydra.run.dir={tmp_path}", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env, check=False)

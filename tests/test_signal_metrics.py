@@ -98,6 +98,7 @@ def test_f0_error_known_shift() -> None:
     ref = _harmonic(contour, gate)
     same = f0_error(ref, ref)
     assert same["median_rel_error"] == 0.0 and same["voicing_agreement"] == 1.0 and same["voiced_frames"] > 80
+    assert same["ref_f0_hz"] == pytest.approx(np.median(contour[gate > 0]), rel=0.01)
     up10 = f0_error(ref, _harmonic(1.1 * contour, gate))
     assert up10["median_rel_error"] == pytest.approx(0.1, abs=0.005)
     assert up10["gross_error_rate"] == 0.0 and up10["voicing_agreement"] > 0.95
@@ -106,6 +107,7 @@ def test_f0_error_known_shift() -> None:
     silent = f0_error(ref, np.zeros_like(ref))
     assert math.isnan(silent["median_rel_error"]) and math.isnan(silent["gross_error_rate"])
     assert silent["voiced_frames"] == 0 and 0.0 < silent["voicing_agreement"] < 0.5
+    assert silent["ref_f0_hz"] == same["ref_f0_hz"] and math.isnan(f0_error(np.zeros_like(ref), ref)["ref_f0_hz"])
 
 
 def test_f0_of_pitch_shifted_speech(speech: np.ndarray, espeak: Callable[[list[str], str], np.ndarray]) -> None:

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from xla_env import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_bench_tiny(tmp_path: Path) -> None:
     out = tmp_path / "train_bench.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the bench is run
+    env = subprocess_env()  # one CPU device, as the bench is run
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--size", "tiny", "--steps", "2", "--probe", "1",
          "--json", str(out)],

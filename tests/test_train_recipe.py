@@ -4,7 +4,6 @@ exact resume after `kill -9`, a multirun sweep, and clear errors for bad inputs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,10 @@ from typing import Any
 
 import pytest
 from recipe_outputs import losses, result
+from xla_env import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's run
+ENV = subprocess_env()  # one CPU device, as a user's run
 
 
 def command(script: str, *overrides: str) -> list[str]:

@@ -47,8 +47,9 @@ def f0_error(ref: np.ndarray, est: np.ndarray, sample_rate: int = SAMPLE_RATE,
 
     Returns floats: `median_rel_error` median |f0_est - f0_ref| / f0_ref over frames voiced in both (NaN if none),
     `gross_error_rate` fraction of those frames off by more than 20 % (NaN if none), `voicing_agreement` fraction
-    of all frames with the same voiced decision (NaN if there are no frames), and `voiced_frames` (int) the number of
-    frames voiced in both. `track_kwargs` go to `f0_track`.
+    of all frames with the same voiced decision (NaN if there are no frames), `ref_f0_hz` the median F0 of the
+    frames `ref` voices (NaN if none), and `voiced_frames` (int) the number of frames voiced in both.
+    `track_kwargs` go to `f0_track`.
     """
     n = min(len(ref), len(est))
     f0_ref, v_ref = f0_track(np.asarray(ref)[:n], sample_rate, **track_kwargs)
@@ -59,5 +60,6 @@ def f0_error(ref: np.ndarray, est: np.ndarray, sample_rate: int = SAMPLE_RATE,
         "median_rel_error": float(np.median(rel)) if rel.size else float("nan"),
         "gross_error_rate": float(np.mean(rel > GROSS_ERROR)) if rel.size else float("nan"),
         "voicing_agreement": float(np.mean(v_ref == v_est)) if v_ref.size else float("nan"),
+        "ref_f0_hz": float(np.median(f0_ref[v_ref])) if v_ref.any() else float("nan"),
         "voiced_frames": int(both.sum()),
     }

@@ -83,9 +83,10 @@ def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: f
     many utterances had no such frame (they drop out of that median: a rendering that loses voicing must not pass
     for one that keeps pitch); `f0_gross_error` (mean fraction of those frames off by > 20 %) and
     `voicing_agreement`; the word error rates of the original and the resynthesis when `asr` (an
-    `Intelligibility`) is given. With `by_speaker`, also "speakers": {speaker id (str): {"utterances",
-    "f0_hz" (median reference F0), "f0_rel_error", "f0_unscored", "voicing_agreement"}}, ordered by F0."""
-    from csm_jax.evaluation import f0_error, f0_track, mel_distance, si_snr
+    `Intelligibility`) is given. With `by_speaker`, also "speakers": {speaker id (str): {"utterances", "f0_hz"
+    (median over its utterances of each reference's median F0), "f0_rel_error", "f0_unscored",
+    "voicing_agreement"}}, ordered by F0."""
+    from csm_jax.evaluation import f0_error, mel_distance, si_snr
 
     n = min(count, len(bank))
     limit = int(max_seconds * bank.sample_rate)
@@ -116,10 +117,9 @@ def evaluate_codec(codec: MimiCodec, bank: AudioBank, count: int, max_seconds: f
             groups.setdefault(int(bank.speakers[i]), []).append(i)
         rows = {}
         for spk, idx in groups.items():
-            tracks = [f0_track(refs[i], sr) for i in idx]
-            voiced = np.concatenate([f[v] for f, v in tracks])
+            pitch = [f0[i]["ref_f0_hz"] for i in idx if not np.isnan(f0[i]["ref_f0_hz"])]
             summary = _f0_summary([f0[i] for i in idx])
-            rows[spk] = {"utterances": len(idx), "f0_hz": float(np.median(voiced)) if voiced.size else float("nan"),
+            rows[spk] = {"utterances": len(idx), "f0_hz": float(np.median(pitch)) if pitch else float("nan"),
                          "f0_rel_error": summary["f0_rel_error"], "f0_unscored": summary["f0_unscored"],
                          "voicing_agreement": summary["voicing_agreement"]}
         out["speakers"] = {str(k): rows[k] for k in sorted(rows, key=lambda k: (np.nan_to_num(rows[k]["f0_hz"]), k))}
