@@ -1,6 +1,6 @@
-"""Test setup: 8 virtual CPU devices (sharding tests) and XLA:CPU's fast-compile preset (tests/xla_env.py), no
-network access to the hub, and one persistent XLA compilation cache for the session, shared by every process the
-tests start (servers, training runs): the same programs compile once per run instead of once per process."""
+"""Test setup: 8 virtual CPU devices (sharding tests; tests/xla_env.py), no network access to the hub, and one
+persistent XLA compilation cache for the session, shared by every process the tests start (servers, training runs)
+on both xdist workers: the same programs compile once per run instead of once per process."""
 
 import atexit
 import os
