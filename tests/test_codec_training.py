@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,7 +343,8 @@ def test_a_new_run_goes_on_from_a_runs_latest_weights_and_discriminator(referenc
 
 @pytest.mark.parametrize("case", ["missing_manifest", "missing_audio", "corrupt_audio", "bad_strides",
                                   "unknown_loss", "changed_config"])
-def test_bad_inputs_fail_with_clear_errors(case: str, corpus: tuple[str, ...], tmp_path: Path) -> None:
+def test_bad_inputs_fail_with_clear_errors(case: str, corpus: tuple[str, ...], tmp_path: Path,
+                                          request: pytest.FixtureRequest) -> None:
     manifest = tmp_path / "manifest.jsonl"
     overrides = [*corpus, f"workdir={tmp_path / 'run'}", f"codec_audio={tmp_path / 'audio'}"]
     if case == "missing_manifest":
@@ -361,9 +363,9 @@ def test_bad_inputs_fail_with_clear_errors(case: str, corpus: tuple[str, ...], t
     elif case == "unknown_loss":
         overrides.append("+codec_train.losses.bogus=1.0")
         expect = "unknown codec loss name(s) ['bogus']"
-    else:
-        run(*overrides, "codec_train.max_steps=3", "codec_train.eval_every=0")
-        overrides += ["codec_train.max_steps=6", "codec_train.optim.learning_rate=1e-3"]
+    else:  # the reference run's checkpoints, resumed with another learning rate
+        shutil.copytree(request.getfixturevalue("reference_run")["workdir"], tmp_path / "run")
+        overrides += [*LOG_EVERY_STEP, "codec_train.optim.learning_rate=1e-3"]
         expect = "optim.learning_rate: 0.0006 -> 0.001"
     proc = run(*overrides, check=False)
     assert proc.returncode != 0

@@ -102,8 +102,9 @@ def test_config_round_trip(src: Source) -> None:
                                                                                    "rope_theta": 1234.0}
     # csm-jax's input_codebooks extension is kept (and absent when unset, as in every official checkpoint)
     assert "input_codebooks" not in hf
-    narrow = src.cfg.replace(input_codebooks=3)
-    assert CsmConfig.from_hf(json.loads(json.dumps(transformers_config(narrow)))) == narrow
+    assert "context_codebooks" not in hf
+    for narrow in (src.cfg.replace(input_codebooks=3), src.cfg.replace(input_codebooks=1, context_codebooks=3)):
+        assert CsmConfig.from_hf(json.loads(json.dumps(transformers_config(narrow)))) == narrow
     # what transformers reads from it: the fields transformers' own save_pretrained wrote for the same model
     theirs = json.loads((src.hf_dir / "config.json").read_text())
     parsed = HFCsmConfig(**hf).to_dict()

@@ -541,8 +541,30 @@ def test_input_codebooks(tiny: GenCase) -> None:
     ours, _ = Csm(cfg).apply({"params": tiny.gen.params}, seq[None], full_mask[None], method=Csm.backbone_forward)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(logits))
     for bad in (0, k + 1, 1.0, True):
-        with pytest.raises(ValueError, match="input_codebooks"):
-            tiny.gen.cfg.replace(input_codebooks=bad)
+        for name in ("input_codebooks", "context_codebooks"):
+            with pytest.raises(ValueError, match=name):
+                tiny.gen.cfg.replace(**{name: bad})
+
+
+def test_context_codebooks(tiny: GenCase) -> None:
+    """`context_codebooks = K` with `input_codebooks = m`: the prompt's audio rows are read with all K codebooks,
+    the frames fed back with 0..m-1. Oracle: the unchanged model, teacher-forced on the prompt as it is and the
+    generated frames with columns m..K-1 masked out, gives each generated frame's codebook 0 as its greedy choice;
+    and it differs from the model reading 0..m-1 everywhere."""
+    k, m = tiny.gen.cfg.num_codebooks, 1
+    cfg = tiny.gen.cfg.replace(input_codebooks=m, context_codebooks=k)
+    gen = csm_jax.Generator(tiny.gen.params, cfg, tiny.gen.codec, None)
+    tokens, mask = make_prompt(tiny.model.config, PROMPT, seed=0)
+    codes = greedy(gen, tokens, mask, 6)
+    frames, frame_mask = audio_rows(codes, k)
+    frame_mask[:, m:k] = False
+    seq, seq_mask = np.concatenate([tokens, frames]), np.concatenate([mask, frame_mask])
+    logits, _ = Csm(tiny.gen.cfg).apply({"params": tiny.gen.params}, seq[None], seq_mask[None],
+                                        method=Csm.backbone_forward)
+    n = len(tokens)
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits[0, n - 1:n + 5]), -1), codes[:, 0])
+    narrow = csm_jax.Generator(tiny.gen.params, tiny.gen.cfg.replace(input_codebooks=m), tiny.gen.codec, None)
+    assert not np.array_equal(greedy(narrow, tokens, mask, 6), codes)
 
 
 def test_seed_and_numpy_scalars(tiny: GenCase) -> None:

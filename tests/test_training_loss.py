@@ -122,3 +122,21 @@ def test_padding_masked_columns_and_non_targets_do_not_count(params):
     assert ref["frames"] == [(b, t)]
     assert float(metrics["c0_frames"]) == 1 and float(metrics["depth_frames"]) == 1
     _assert_metrics_equal(metrics, ref)
+
+
+def test_context_rows_read_all_codebooks_and_target_rows_the_spoken_ones(params):
+    """`context_codebooks`: the loss reads context audio rows with all K codebooks and the target turn's rows with
+    `input_codebooks`, as generation reads a prompt and the frames it feeds back; the reference narrows the target
+    rows itself. Same parameters, three readings, three different codebook-0 losses."""
+    batch = _batch()
+    cfg, key = LossConfig(depth_fraction=1.0), jax.random.key(0)
+    split = CFG.replace(input_codebooks=1, context_codebooks=K)
+    _, metrics = _loss(params, batch, key, split, cfg)
+    _assert_metrics_equal(metrics, reference_loss(params, batch, split, cfg))
+    others = [float(_loss(params, batch, key, c, cfg)[1]["c0_loss"]) for c in (CFG, CFG.replace(input_codebooks=1))]
+    assert len({float(metrics["c0_loss"]), *others}) == 3
+    # reading every codebook of the target rows too is the plain model's reading (context_codebooks = input = K)
+    _, every = _loss(params, batch, key, CFG.replace(context_codebooks=K), cfg)
+    assert float(every["c0_loss"]) == others[0]
+    with pytest.raises(ValueError, match="context_codebooks \\(1\\) must be at least input_codebooks \\(2\\)"):
+        CFG.replace(input_codebooks=2, context_codebooks=1)

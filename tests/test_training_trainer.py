@@ -113,7 +113,8 @@ def test_fine_tuning_weights_and_single_process_defaults(tmp_path):
     with pytest.raises(ValueError, match="different model"):
         initial_params(tmp_path / "csm", tiny_config(num_codebooks=3))
     # reading fewer input codebooks changes no parameter: a model trained on all of them can be fine-tuned into it
-    narrowed = initial_params(tmp_path / "csm", CFG.replace(input_codebooks=1))
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(narrowed), jax.tree.leaves(loaded)))
+    for reading in ({"input_codebooks": 1}, {"input_codebooks": 1, "context_codebooks": CFG.num_codebooks}):
+        narrowed = initial_params(tmp_path / "csm", CFG.replace(**reading))
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(narrowed), jax.tree.leaves(loaded)))
     assert maybe_initialize_distributed(DistributedConfig()) is False
     assert maybe_initialize_distributed(None) is False

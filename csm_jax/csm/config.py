@@ -70,7 +70,13 @@ class CsmConfig:
     embeds. The depth decoder still predicts all `num_codebooks`. With fewer, the backbone conditions only on the
     codebooks it can trust in free running: the coarse ones, which the depth decoder reproduces well, rather than
     the fine ones, which it cannot (a small model trained on all of them leans on them and drifts once it hears
-    its own). Training and generation both go through `Csm.embed`, so they see the same frames."""
+    its own). Training and generation both go through `Csm.embed`, so they see the same frames.
+
+    `context_codebooks` (a csm-jax extension; None: as `input_codebooks`): how many codebooks of each *context*
+    audio row (real audio before the turn being spoken: the prompt, earlier turns) the backbone embeds. Context
+    codes are never the depth decoder's guesses, so a model may read all of them (the speaker's pitch and timbre
+    live in the fine codebooks) while it reads only `input_codebooks` of the frames it speaks. The spoken rows are
+    narrowed by `spoken_mask`: in training the target rows, in generation the frames fed back."""
 
     backbone: LlamaConfig
     decoder: LlamaConfig
@@ -79,19 +85,29 @@ class CsmConfig:
     num_codebooks: int = 32
     dtype: str = "float32"  # compute dtype; parameters are stored float32
     input_codebooks: int | None = None
+    context_codebooks: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_codebooks < 2:
             raise ValueError("CSM needs at least 2 codebooks")
-        m = self.input_codebooks
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.num_codebooks):
-            raise ValueError(f"input_codebooks must be null or an int in 1..{self.num_codebooks}, got {m!r}")
+        for name in ("input_codebooks", "context_codebooks"):
+            m = getattr(self, name)
+            if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.num_codebooks):
+                raise ValueError(f"{name} must be null or an int in 1..{self.num_codebooks}, got {m!r}")
+        if self.context_codebooks is not None and self.context_codebooks < self.backbone_codebooks:
+            raise ValueError(f"context_codebooks ({self.context_codebooks}) must be at least input_codebooks "
+                             f"({self.backbone_codebooks})")
         jnp.dtype(self.dtype)
 
     @property
     def backbone_codebooks(self) -> int:
         """Codebooks of each audio row the backbone embeds (`input_codebooks`, or all)."""
         return self.num_codebooks if self.input_codebooks is None else self.input_codebooks
+
+    @property
+    def embedded_codebooks(self) -> int:
+        """Audio columns `Csm.embed` reads where the mask is set: `context_codebooks`, or `backbone_codebooks`."""
+        return self.backbone_codebooks if self.context_codebooks is None else self.context_codebooks
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -127,6 +143,7 @@ class CsmConfig:
             audio_vocab_size=d.get("vocab_size", 2051),
             num_codebooks=d.get("num_codebooks", 32),
             input_codebooks=d.get("input_codebooks"),
+            context_codebooks=d.get("context_codebooks"),
         )
 
     @classmethod

@@ -211,7 +211,8 @@ class Engine:
         eos = jnp.all(codes == 0, axis=-1)
         full = jnp.zeros((b, cfg.num_codebooks), jnp.int32).at[:, :k_gen].set(codes)
         next_tokens = jnp.concatenate([full, jnp.zeros((b, 1), jnp.int32)], axis=-1)
-        next_mask = jnp.concatenate([jnp.arange(cfg.num_codebooks) < k_gen, jnp.zeros((1,), bool)])
+        # a frame fed back is spoken: the backbone reads its first backbone_codebooks (csm.model.spoken_mask)
+        next_mask = jnp.arange(cfg.num_codebooks + 1) < min(k_gen, cfg.backbone_codebooks)
         advance = ~state.done
         new_state = DecodeState(
             caches=caches,

@@ -77,8 +77,9 @@ def transformers_config(cfg: CsmConfig, codec_config: MimiConfig | None = None, 
                                  "num_codebooks": cfg.num_codebooks, "vocab_size": cfg.audio_vocab_size,
                                  "backbone_hidden_size": cfg.backbone.hidden_size},
     }
-    if cfg.input_codebooks is not None:  # csm-jax's extension (CsmConfig.input_codebooks): transformers ignores it
-        out["input_codebooks"] = cfg.input_codebooks
+    for name in ("input_codebooks", "context_codebooks"):  # csm-jax's extensions (CsmConfig): transformers ignores them
+        if getattr(cfg, name) is not None:
+            out[name] = getattr(cfg, name)
     if codec_config is not None:
         out["codec_config"] = codec_export.transformers_config(codec_config)
     return out | extra
@@ -122,8 +123,8 @@ def export_transformers(params: Any, cfg: CsmConfig, out_dir: str | Path, *, cod
     `extra_files`: file name -> text (e.g. "prompt.json"). `sampling`: the model's sampling settings, written as
     transformers' `generation_config.json` (its `generate` and `load_csm` use them). Everything is checked before
     anything is written.
-    A model with `cfg.input_codebooks` set keeps it in config.json, where transformers ignores it (it embeds every
-    codebook): such a directory generates as it was trained only in csm-jax.
+    A model with `cfg.input_codebooks` or `cfg.context_codebooks` set keeps them in config.json, where transformers
+    ignores them (it embeds every codebook): such a directory generates as it was trained only in csm-jax.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown export dtype {dtype!r}; known: {list(DTYPES)}")

@@ -17,6 +17,15 @@ from csm_jax.csm.llama import Cache, Transformer, kernel_init, linear, optional_
 _EMBED_INIT = nn.initializers.normal(0.02)
 
 
+def spoken_mask(mask: jax.Array, spoken: jax.Array, cfg: CsmConfig) -> jax.Array:
+    """The mask the backbone reads: mask bool [..., S, K+1], spoken bool [..., S] (rows of the turn being spoken:
+    training's target rows, the frames generation feeds back) -> mask with the audio columns from
+    `cfg.backbone_codebooks` on cleared in spoken rows (context rows keep `cfg.embedded_codebooks`)."""
+    narrow = jnp.arange(mask.shape[-1]) >= cfg.backbone_codebooks
+    narrow = narrow & (jnp.arange(mask.shape[-1]) < cfg.num_codebooks)
+    return mask & ~(spoken[..., None] & narrow)
+
+
 class Csm(nn.Module):
     cfg: CsmConfig
 
@@ -39,9 +48,9 @@ class Csm(nn.Module):
     # building blocks ------------------------------------------------------------------------------------
     def embed(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         """tokens int32 [B, S, K+1], mask bool [B, S, K+1] -> float [B, S, D_backbone] (masked embedding sum of the
-        text column and the first `cfg.backbone_codebooks` audio columns)."""
+        text column and the first `cfg.embedded_codebooks` audio columns; `spoken_mask` narrows spoken rows)."""
         cfg = self.cfg
-        k, m_in = cfg.num_codebooks, cfg.backbone_codebooks
+        k, m_in = cfg.num_codebooks, cfg.embedded_codebooks
         tokens = jnp.where(mask, tokens, 0)  # masked columns may hold any filler; never index with it
         offsets = jnp.arange(m_in, dtype=jnp.int32) * cfg.audio_vocab_size
         audio = jnp.take(self.audio_embeddings, tokens[..., :m_in] + offsets, axis=0)  # [B, S, M, D]

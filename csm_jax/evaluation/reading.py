@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from csm_jax.audio import load_audio
-from csm_jax.csm.model import Csm
-from csm_jax.csm.prompt import concat
+from csm_jax.csm.model import Csm, spoken_mask
+from csm_jax.csm.prompt import Rows, concat
 from csm_jax.data.manifest import Utterance
 
 
@@ -84,7 +84,7 @@ def reading_profile(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], othe
             continue  # too short to cut into parts
         result = []
         for text in (target.text, other):
-            tokens, mask = concat([*context, fmt.text_rows(text, 0), audio])
+            tokens, mask = _teacher_forced(gen, [*context, fmt.text_rows(text, 0)], audio)
             logits = np.asarray(forward(gen.params, jnp.asarray(tokens[None]), jnp.asarray(mask[None])))[0]
             result.append(_turn_nll(logits, tokens, frames))
         own_parts.append([p.mean() for p in np.array_split(result[0], parts)])
@@ -97,6 +97,14 @@ def reading_profile(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], othe
     return {"nll_own": own.tolist(), "nll_other": oth.tolist(), "gap": (oth - own).tolist(),
             "nll_own_mean": float(np.mean(own_all)), "nll_other_mean": float(np.mean(other_all)),
             "pairs": len(own_parts)}
+
+
+def _teacher_forced(gen: Any, parts: Sequence[Rows], audio: Rows) -> Rows:
+    """Context rows `parts`, then the target turn's audio rows `audio` read as spoken (`spoken_mask`), as the
+    training loss reads a target turn -> tokens int32 [S, K+1], mask bool [S, K+1]."""
+    tokens, mask = concat([*parts, audio])
+    spoken = np.arange(len(mask)) >= len(mask) - len(audio[1])
+    return tokens, np.asarray(spoken_mask(jnp.asarray(mask), jnp.asarray(spoken), gen.cfg))
 
 
 SOURCES = ("original", "c0_true+depth", "c0_model+acoustic_true", "c0_model+depth")
@@ -137,8 +145,8 @@ def code_source_wer(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], asr:
     for prompt, target in pairs:
         audio = gen.audio_rows(load_audio(target.audio))
         frames = len(audio[0]) - 1  # the end frame is not decoded
-        tokens, mask = concat([fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
-                               fmt.text_rows(target.text, 0), audio])
+        tokens, mask = _teacher_forced(gen, [fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
+                                             fmt.text_rows(target.text, 0)], audio)
         logits, hidden = backbone(gen.params, jnp.asarray(tokens[None]), jnp.asarray(mask[None]))
         start = len(tokens) - frames - 1  # the target's first audio row
         before = slice(start - 1, start - 1 + frames)  # the rows that predict its frames
@@ -181,8 +189,8 @@ def input_reliance(gen: Any, pairs: Sequence[tuple[Utterance, Utterance]], level
     for prompt, target in pairs:
         audio = gen.audio_rows(load_audio(target.audio))
         frames = len(audio[0]) - 1  # the end frame is not scored
-        tokens, mask = concat([fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
-                               fmt.text_rows(target.text, 0), audio])
+        tokens, mask = _teacher_forced(gen, [fmt.text_rows(prompt.text, 0), gen.audio_rows(load_audio(prompt.audio)),
+                                             fmt.text_rows(target.text, 0)], audio)
         start = len(tokens) - frames - 1  # the target's first audio row
         rows, before = slice(start, start + frames), slice(start - 1, start - 1 + frames)
         true = tokens[rows, 0]

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from csm_jax.csm.config import CsmConfig
-from csm_jax.csm.model import Csm
+from csm_jax.csm.model import Csm, spoken_mask
 
 LossStats = dict[str, jax.Array]  # c0_sum, c0_count, c0_correct: []; cb_sum, cb_count: [K-1]; depth_frames: []
 
@@ -165,18 +165,19 @@ def loss_stats(
     k = model_cfg.num_codebooks
     tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
     codes = jnp.where(mask[..., :k], tokens[..., :k], 0)
+    reads = spoken_mask(mask, jnp.asarray(batch["targets"]), model_cfg)  # the target turn is read as spoken
     align = cfg.align_weight > 0
     if align:
         bb = model_cfg.backbone
         if cfg.align_layer >= bb.num_layers or cfg.align_heads > bb.num_heads:
             raise ValueError(f"align_layer {cfg.align_layer} / align_heads {cfg.align_heads} outside the backbone "
                              f"({bb.num_layers} layers, {bb.num_heads} heads)")
-        (logits, hidden), inter = model.apply({"params": params}, tokens, mask, method=Csm.backbone_forward,
+        (logits, hidden), inter = model.apply({"params": params}, tokens, reads, method=Csm.backbone_forward,
                                               mutable=["intermediates"])
         probs = _backbone_attention(inter["intermediates"], cfg.align_layer, bb.num_heads, bb.num_kv_heads,
                                     cfg.align_heads)
     else:
-        logits, hidden = model.apply({"params": params}, tokens, mask, method=Csm.backbone_forward)
+        logits, hidden = model.apply({"params": params}, tokens, reads, method=Csm.backbone_forward)
 
     # codebook 0: hidden row t-1 -> code[t, 0]
     w0 = eligible_frames(batch)[:, 1:].astype(jnp.float32)
@@ -273,13 +274,15 @@ def reference_loss(
     depth = jax.jit(lambda p, h, c: model.apply({"params": p}, h, c, method=Csm.depth_forward))
     tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
     targets, lengths = np.asarray(batch["targets"]), np.asarray(batch["lengths"])
+    reads = mask.copy()
+    reads[..., model_cfg.backbone_codebooks:k] &= ~targets[..., None]  # target rows: the spoken codebooks only
     hidden_of, c0_sum, c0_count, c0_correct = {}, 0.0, 0, 0
     eligible = set()
     for b in range(tokens.shape[0]):
         n = int(lengths[b])
         if n == 0:
             continue
-        logits, hidden = backbone(params, tokens[b : b + 1, :n], mask[b : b + 1, :n])
+        logits, hidden = backbone(params, tokens[b : b + 1, :n], reads[b : b + 1, :n])
         logits, hidden_of[b] = np.asarray(logits[0]), np.asarray(hidden[0])
         for t in range(1, n):
             if targets[b, t] and mask[b, t, 0]:

@@ -81,14 +81,15 @@ class TrainConfig:
 
 def initial_params(path: str | Path, model_cfg: CsmConfig) -> Any:
     """float32 parameters to fine-tune from `path` (converted, transformers or original CSM weights); their config
-    must equal `model_cfg` up to the compute dtype and `input_codebooks` (neither changes the parameters: a model
-    can be fine-tuned to read fewer codebooks)."""
+    must equal `model_cfg` up to the compute dtype, `input_codebooks` and `context_codebooks` (none changes the
+    parameters: a model can be fine-tuned to read other codebooks)."""
     params, cfg = load_csm_params(path)
-    if cfg.replace(dtype=model_cfg.dtype, input_codebooks=model_cfg.input_codebooks) != model_cfg:
+    reading = {"input_codebooks": model_cfg.input_codebooks, "context_codebooks": model_cfg.context_codebooks}
+    if cfg.replace(dtype=model_cfg.dtype, **reading) != model_cfg:
         raise ValueError(f"{path} holds a different model than the training config:\n  {cfg}\n  vs {model_cfg}")
-    if cfg.input_codebooks != model_cfg.input_codebooks:
-        log.info("fine-tuning %s (input_codebooks %s) to read input_codebooks %s", path, cfg.input_codebooks,
-                 model_cfg.input_codebooks)
+    if any(getattr(cfg, name) != value for name, value in reading.items()):
+        log.info("fine-tuning %s (input_codebooks %s, context_codebooks %s) to read input_codebooks %s, "
+                 "context_codebooks %s", path, cfg.input_codebooks, cfg.context_codebooks, *reading.values())
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
