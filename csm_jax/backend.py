@@ -28,6 +28,11 @@ Choices the policy makes today:
   default, falling back to "xla" (after one warning) where it cannot be built or the CPU lacks AVX512-VNNI.
   "xla": XLA's own product (the multiply-reduce or dot above); the accelerator default.
 
+Compilation, apart from the model's math: programs that run once (parameter initialisation, `jit_init`) compile on
+XLA:CPU without its backend optimisation. Their cost is the random-number generator, one threefry expansion per
+parameter, which XLA:CPU takes 2-3x longer to optimise than to run unoptimised (a tiny codec's init: ~60 s -> ~25 s
+of compile on 2 busy cores); their values differ from the optimised program's in the last bit at most.
+
 Choices still made one way for every backend (CPU-tuned; candidates for fields here once they have a second
 implementation): the KV cache layout [B, Hkv, head_dim, S] (`csm.llama.Attention`) and layers as an unrolled
 Python loop rather than a scan (`csm.llama.Transformer`). Sampling has one form everywhere: the top-k threshold
@@ -39,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 
@@ -92,6 +97,19 @@ class PolicyOverrides:
 _CPU = BackendPolicy(small_row_products=True, quantized_compute_dtype="float32", decode_attention="filled",
                      int8_kernel="native")
 _ACCELERATOR = BackendPolicy(small_row_products=False, quantized_compute_dtype="bfloat16")
+
+
+# XLA:CPU options for programs that run once (see the module docstring)
+_CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_init(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+    """`jax.jit(fn, **jit_kwargs)` for a program that runs once (parameter initialisation): on CPU compiled without
+    backend optimisation; elsewhere as any program."""
+    import jax
+
+    options = _CPU_INIT_OPTIONS if jax.default_backend() == "cpu" else {}
+    return jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
 
 
 def policy_for(backend: str) -> BackendPolicy:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from csm_jax import backend
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
 from csm_jax.csm.config import CsmConfig, LlamaConfig
@@ -67,7 +68,7 @@ def random_generator(seed: int = 0) -> Generator:
     tokenizer = byte_tokenizer()
     cfg = tiny_csm_config(tokenizer.get_vocab_size())
     k = cfg.num_codebooks
-    params = jax.jit(lambda key: Csm(cfg).init(key, jnp.zeros((1, 1, k + 1), jnp.int32),
+    params = backend.jit_init(lambda key: Csm(cfg).init(key, jnp.zeros((1, 1, k + 1), jnp.int32),
                                                jnp.ones((1, 1, k + 1), bool))["params"])(jax.random.key(seed))
     params = nn.meta.unbox(params)
     codec = MimiCodec.random(tiny_mimi_config(), seed=seed + 1)

@@ -2,7 +2,9 @@
 protocol driver (`Client`).
 
 `live_server` (session scoped) is shared; `start_server_process` starts a private one (e.g. to `kill -9` it).
-All processes share one persistent XLA compilation cache, so only the first start pays for compilation.
+All processes share one persistent XLA compilation cache, so only the first start pays for compilation. They start
+without warmup (`engine.warmup_rows=0`): the few shapes the tests' short turns use compile on first use, into that
+cache, instead of every prefill bucket at every start.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def start_server_process(workdir: Path, cache_dir: Path, *overrides: str, db_pat
     env = subprocess_env()  # one CPU device, as in production
     model = [] if any(o.startswith(("model.random_seed=", "model.path=")) for o in overrides) else [RANDOM_MODEL]
     cmd = [sys.executable, "-m", "serve", "server.port=0", f"storage.path={db_path}",
-           f"engine.compile_cache_dir={cache_dir}", "engine.warmup_rows=128", "engine.batch_size=4",
+           f"engine.compile_cache_dir={cache_dir}", "engine.warmup_rows=0", "engine.batch_size=4",
            f"hydra.run.dir={workdir / 'hydra'}", *model, *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from csm_jax import backend
 from csm_jax.csm.prompt import PromptFormat, concat
 from csm_jax.default_model import byte_tokenizer
 from csm_jax.training.loss import LossConfig, alignment_penalty, compute_loss, turn_layout
@@ -123,7 +124,7 @@ def test_penalty_is_near_zero_on_the_diagonal_and_one_off_the_text(batch):
 
 
 def test_loss_adds_the_weighted_penalty_and_its_gradient_lowers_it(batch):
-    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    params = backend.jit_init(init_params, static_argnums=0)(CFG, jax.random.key(0))
     key = jax.random.key(3)
     base = LossConfig(depth_fraction=1.0)
     guided = LossConfig(depth_fraction=1.0, align_weight=2.0, align_layer=0, align_heads=2)

@@ -102,8 +102,8 @@ def small_config() -> CsmConfig:
 def model() -> tuple[dict, CsmConfig, list[tuple[np.ndarray, np.ndarray]]]:
     cfg = small_config()
     k = cfg.num_codebooks
-    params = nn.meta.unbox(Csm(cfg).init(jax.random.key(0), jnp.zeros((1, 1, k + 1), jnp.int32),
-                                         jnp.ones((1, 1, k + 1), bool))["params"])
+    params = nn.meta.unbox(backend.jit_init(Csm(cfg).init)(jax.random.key(0), jnp.zeros((1, 1, k + 1), jnp.int32),
+                                                          jnp.ones((1, 1, k + 1), bool))["params"])
     rng = np.random.default_rng(0)
     prompts = []
     for n in (9, 14, 5, 11):

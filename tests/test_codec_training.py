@@ -21,7 +21,7 @@ import pytest
 from recipe_outputs import losses, result
 from xla_env import subprocess_env
 
-from csm_jax import load_audio
+from csm_jax import backend, load_audio
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.mimi import Mimi
 from csm_jax.training.codec import (
@@ -52,7 +52,7 @@ FAST = CodecTrainConfig(max_steps=30, batch_size=4, segment_frames=6, mesh=MeshC
 def _latent(cfg: MimiConfig, seed: int = 0, clip: str = "speech_3s.wav") -> tuple[dict[str, Any], jax.Array]:
     audio = jnp.asarray(load_audio(DATA / clip)[None, : 12 * cfg.frame_size])
     model = Mimi(cfg)  # compiled: one program each instead of hundreds of op-by-op ones
-    params = jax.jit(model.init)(jax.random.key(seed), audio[:, : cfg.frame_size])["params"]
+    params = backend.jit_init(model.init)(jax.random.key(seed), audio[:, : cfg.frame_size])["params"]
     return params, jax.jit(lambda p, a: model.apply({"params": p}, a, method=Mimi.encode_latent))(params, audio)
 
 
@@ -325,8 +325,7 @@ def test_a_new_run_goes_on_from_a_runs_latest_weights_and_discriminator(referenc
     here = {"mesh": dataclasses.asdict(FAST.mesh)}  # this process's devices, not the recipe's
     cfg = from_dict(CodecTrainConfig, meta["config"] | here | {"losses": {"pitch": 10.0},
                                                                "optim": {"learning_rate": 1e-4}})
-    saved, _, step = restore_codec(workdir, codec_cfg, cfg, "latest")
-    program = CodecProgram(codec_cfg, cfg, make_train_mesh(cfg.mesh))
+    saved, program, step = restore_codec(workdir, codec_cfg, cfg, "latest")
     fresh = program.init_state(1)
     state = start_from(program, fresh, workdir)
     assert step == 12 and int(state.step) == 0
@@ -419,7 +418,7 @@ def test_a_run_starts_from_a_codec_and_trains_its_decoder_on_fixed_codes(bank: A
 
     cfg = CodecTrainConfig(max_steps=2, batch_size=4, segment_frames=6, mesh=MeshConfig(data=4), adversarial_start=0,
                            freeze_codes_at=0, init=str(tmp_path / "source"),
-                           discriminator=DiscriminatorConfig(filters=4, batch=2, periods=(2, 3)))
+                           discriminator=DiscriminatorConfig(windows=(512,), filters=4, batch=2, periods=(2, 3)))
     tuned = CodecProgram(TINY, cfg, make_train_mesh(cfg.mesh))
     start = tuned.start_from(tuned.init_state(1), source)
     audio = bank.crops(9, 4, tuned.segment)

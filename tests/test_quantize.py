@@ -45,7 +45,7 @@ def wide_config() -> CsmConfig:
 def init_params(cfg: CsmConfig, seed: int = 0) -> dict:
     k = cfg.num_codebooks
     tokens, mask = jnp.zeros((1, 1, k + 1), jnp.int32), jnp.ones((1, 1, k + 1), bool)
-    init = jax.jit(lambda key: Csm(cfg).init(key, tokens, mask)["params"])
+    init = backend.jit_init(lambda key: Csm(cfg).init(key, tokens, mask)["params"])
     return jax.tree_util.tree_map(np.asarray, nn.meta.unbox(init(jax.random.key(seed))))
 
 

@@ -2,8 +2,7 @@
 
 One conversation is served alternately by two replicas and survives `kill -9` of one of them; the database is
 lost (crashed) and restored under a running server. The module shares one private PostgreSQL cluster (it is
-crashed and restarted here, so not the session's) and one replica (`server_b`); replicas compile nothing at start
-(`engine.warmup_rows=0`: the few shapes the short turns need compile on first use, into the shared XLA cache).
+crashed and restarted here, so not the session's) and one replica (`server_b`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytest
 from postgres_fixture import PostgresCluster
 from serve_fixtures import Client, LiveServer, run, start_server_process
 
-CHEAP = ("engine.warmup_rows=0", "transcriber.backend=none")
+CHEAP = ("transcriber.backend=none",)
 
 
 @pytest.fixture(scope="module")

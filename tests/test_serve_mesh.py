@@ -1,7 +1,7 @@
 """Serving on a device mesh (`mesh:` in configs/serve.yaml): the default model served through the server's own path
 (`build_generator` on `serving_mesh`, then the Scheduler's one compiled ServingFrame call per frame) gives the same
-codes and PCM on data=2 x tensor=2 (weights and heads over tensor, requests over data) as on one device; the real server starts on a mesh and answers; a
-mesh that does not fit stops the server at start with one line.
+codes and PCM on data=2 x tensor=2 (weights and heads over tensor, requests over data) as on one device; the real
+server starts on a mesh and answers; a mesh that does not fit stops the server at start with one line.
 
 The 8 virtual CPU devices come from tests/conftest.py (XLA_FLAGS, set before jax is imported); server processes
 get theirs from JAX_NUM_CPU_DEVICES, since `start_server_process` drops XLA_FLAGS.
@@ -30,7 +30,8 @@ REQUESTS = [("Hello there.", 0, 11, 5), ("A somewhat longer sentence, to be said
 
 
 def serve(mesh_config: MeshConfig) -> tuple[list[tuple[np.ndarray, np.ndarray]], Scheduler]:
-    """REQUESTS through the server's generator and scheduler on `mesh_config` -> [(codes [T, K], pcm int16 [T*1920])]."""
+    """REQUESTS through the server's generator and scheduler on `mesh_config` -> [(codes [T, K], pcm int16
+    [T*1920])]."""
     config = ServeConfig(model=ModelConfig(random_seed=0), mesh=mesh_config)
     generator, _ = build_generator(config, serving_mesh(config.mesh))
     scheduler = Scheduler(generator, batch_size=8)
@@ -85,7 +86,7 @@ def test_served_codes_and_pcm_on_a_mesh_equal_one_device() -> None:
 def test_the_server_starts_on_a_mesh_and_answers(tmp_path: Path, xla_cache: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "8")  # the server process's devices (XLA_FLAGS is not passed on)
-    server = start_server_process(tmp_path, xla_cache, "mesh.tensor=2", "engine.warmup_rows=0")
+    server = start_server_process(tmp_path, xla_cache, "mesh.tensor=2")
     try:
         async def go() -> tuple[dict, dict, list[bytes]]:
             c = await Client.open(server.ws_url)

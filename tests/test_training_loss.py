@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from csm_jax import backend
 from csm_jax.training.loss import (LossConfig, compute_loss, eligible_frames, num_depth_slots, reference_loss,
                                    select_depth_frames)
 from csm_jax.training.state import init_params
@@ -21,7 +22,7 @@ K = CFG.num_codebooks
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    return backend.jit_init(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
 def _batch() -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from csm_jax import backend
 from csm_jax.training.loss import LossConfig
 from csm_jax.training.mesh import MeshConfig, make_train_mesh
 from csm_jax.training.optim import OptimConfig, param_groups
@@ -24,7 +25,7 @@ STEPS = 40
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    return backend.jit_init(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from csm_jax import backend
 from csm_jax.training.checkpointing import Checkpointer
 from csm_jax.training.loss import LossConfig
 from csm_jax.csm.weights import save_converted
@@ -55,7 +56,7 @@ def _restore(workdir, step):
 
 def test_resume_after_crash_is_exact(tmp_path):
     assert jax.device_count() == 8
-    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    params = backend.jit_init(init_params, static_argnums=0)(CFG, jax.random.key(0))
     pattern = np.random.default_rng(0).integers(1, CFG.audio_vocab_size, (5, CFG.num_codebooks))
     batches = [synthetic_batch(CFG, 8, 16, rng=i, pattern=pattern) for i in range(7)]
     train_batches, eval_batches = batches[:5], batches[5:]
@@ -104,7 +105,7 @@ def test_resume_after_crash_is_exact(tmp_path):
 
 
 def test_fine_tuning_weights_and_single_process_defaults(tmp_path):
-    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+    params = backend.jit_init(init_params, static_argnums=0)(CFG, jax.random.key(0))
     save_converted(tmp_path / "csm", jax.device_get(params), CFG)
     loaded = initial_params(tmp_path / "csm", CFG.replace(dtype="bfloat16"))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):

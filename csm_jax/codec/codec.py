@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from csm_jax import checkpoint, hub
+from csm_jax import backend, checkpoint, hub
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.layers import State
@@ -47,7 +47,7 @@ class MimiCodec:
         """A codec with seeded random weights (codebooks ~ N(0, 1)), for demos, tests and benchmarks."""
         config = config or MimiConfig()
         frame = jnp.zeros((1, config.frame_size), jnp.float32)
-        params = jax.jit(lambda key: Mimi(config).init(key, frame)["params"])(jax.random.key(seed))
+        params = backend.jit_init(lambda key: Mimi(config).init(key, frame)["params"])(jax.random.key(seed))
         return cls(params, config, num_codebooks)
 
     @property

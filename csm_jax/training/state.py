@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from csm_jax import backend
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.model import Csm
 from csm_jax.sharding import Rules, logical_sharding
@@ -87,7 +88,7 @@ def make_init_fn(model_cfg: CsmConfig, tx: optax.GradientTransformation, shardin
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(rng_key))
 
-    jitted = jax.jit(make) if shardings is None else jax.jit(make, out_shardings=shardings)
+    jitted = backend.jit_init(make) if shardings is None else backend.jit_init(make, out_shardings=shardings)
     expected = nn.meta.unbox(boxed_abstract_params(model_cfg))
 
     def init(key: jax.Array, params: Any | None = None) -> TrainState:

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from csm_jax import backend
 from csm_jax.codec.codec import MimiCodec
 from csm_jax.codec.config import MimiConfig
 from csm_jax.codec.mimi import Mimi, determines_codes
@@ -74,7 +75,7 @@ class CodecProgram:
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         self.weights = cfg.weights
-        self._init = jax.jit(self._make_state, out_shardings=self.replicated)
+        self._init = backend.jit_init(self._make_state, out_shardings=self.replicated)
         self._steps: dict[tuple[bool, bool], Callable[..., Any]] = {}
         self.abstract_state = jax.eval_shape(self._make_state, jax.random.key(0))
 
