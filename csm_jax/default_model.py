@@ -69,7 +69,7 @@ def random_generator(seed: int = 0) -> Generator:
     cfg = tiny_csm_config(tokenizer.get_vocab_size())
     k = cfg.num_codebooks
     params = backend.jit_init(lambda key: Csm(cfg).init(key, jnp.zeros((1, 1, k + 1), jnp.int32),
-                                               jnp.ones((1, 1, k + 1), bool))["params"])(jax.random.key(seed))
+                                                        jnp.ones((1, 1, k + 1), bool))["params"])(jax.random.key(seed))
     params = nn.meta.unbox(params)
     codec = MimiCodec.random(tiny_mimi_config(), seed=seed + 1)
     return Generator(params, cfg, codec, tokenizer)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run the test suite. Extra arguments go to pytest. On first use it creates .venv and installs csm-jax with its test
 # extra (torch, transformers, Playwright, notebooks, evaluation tools), then the Debian packages below.
-# Two passes: the tests of full-size (official) model shapes one at a time (the largest needs ~18 GB of RAM), then
-# the rest on $CSM_JAX_TEST_WORKERS pytest-xdist workers (default 2), each test file on one worker: most tests wait
-# on compilers, subprocesses and sockets as much as they compute. Exit status: the worse pass's (a pass that selects
+# Two passes: the tests that need the machine to themselves (`serial`: the CSM-1B parity, ~18 GB of RAM) one at a
+# time, then the rest (the full-size Mimi ones included, ~4 GB) on $CSM_JAX_TEST_WORKERS pytest-xdist workers
+# (default 2), each test file on one worker: most tests wait on compilers, subprocesses and sockets as much as they
+# compute. Exit status: the worse pass's (a pass that selects
 # no test counts as passed when the other ran some).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dev.sh" test
@@ -20,8 +21,8 @@ if ! dpkg -s $APT_PACKAGES >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $APT_PACKAGES >/dev/null
 fi
 set +e
-"$PY" -m pytest -m full_size "$@"; first=$?
-"$PY" -m pytest -m "not full_size" -n "${CSM_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"; second=$?
+"$PY" -m pytest -m serial "$@"; first=$?
+"$PY" -m pytest -m "not serial" -n "${CSM_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"; second=$?
 set -e
 [ "$first" -eq 5 ] && [ "$second" -eq 5 ] && exit 5  # pytest: no tests collected
 [ "$first" -eq 5 ] && first=0

@@ -172,6 +172,7 @@ def test_tied_audio_embedding_key_variants(variant: str, tmp_path_factory: pytes
 
 # ----------------------------------------------------------------------------------- full size ---
 @pytest.mark.full_size
+@pytest.mark.serial  # ~18 GB: the reference model and the port, one after the other
 def test_full_size_parity(tmp_path_factory: pytest.TempPathFactory) -> None:
     """CSM-1B architecture (CsmConfig() defaults, hub llama3 RoPE), random weights, B=1, S=8 mixed rows."""
     ref = get_reference("full", tmp_path_factory)

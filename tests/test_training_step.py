@@ -97,7 +97,9 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch(params, batche
         for name in ("loss", "c0_loss", "depth_loss", "grad_norm", "c0_accuracy"):
             np.testing.assert_allclose(a[name], w[name], rtol=1e-5, err_msg=name)
         assert a["c0_frames"] == w["c0_frames"] and a["depth_tokens"] == w["depth_tokens"]
-    _params_close(state_a.params, state_w.params, atol=1e-5)
+    # Adam divides each gradient by its own running magnitude, so summation-order rounding in a near-zero gradient
+    # can move that weight by a visible fraction of the learning rate (3e-3): 1.1e-5 was seen under load.
+    _params_close(state_a.params, state_w.params, atol=5e-5)
 
 
 def test_frozen_groups_stay_bit_identical_without_optimizer_state(params, batches):

@@ -21,8 +21,8 @@ def spoken_mask(mask: jax.Array, spoken: jax.Array, cfg: CsmConfig) -> jax.Array
     """The mask the backbone reads: mask bool [..., S, K+1], spoken bool [..., S] (rows of the turn being spoken:
     training's target rows, the frames generation feeds back) -> mask with the audio columns from
     `cfg.backbone_codebooks` on cleared in spoken rows (context rows keep `cfg.embedded_codebooks`)."""
-    narrow = jnp.arange(mask.shape[-1]) >= cfg.backbone_codebooks
-    narrow = narrow & (jnp.arange(mask.shape[-1]) < cfg.num_codebooks)
+    column = jnp.arange(mask.shape[-1])
+    narrow = (column >= cfg.backbone_codebooks) & (column < cfg.num_codebooks)
     return mask & ~(spoken[..., None] & narrow)
 
 
