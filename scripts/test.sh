@@ -4,8 +4,7 @@
 # Two passes: the tests that need the machine to themselves (`serial`: the CSM-1B parity, ~18 GB of RAM) one at a
 # time, then the rest (the full-size Mimi ones included, ~4 GB) on $CSM_JAX_TEST_WORKERS pytest-xdist workers
 # (default 2), each test file on one worker: most tests wait on compilers, subprocesses and sockets as much as they
-# compute. Exit status: the worse pass's (a pass that selects
-# no test counts as passed when the other ran some).
+# compute. Exit status: the worse pass's (a pass that selects no test counts as passed when the other ran some).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dev.sh" test
 cd "$ROOT"
