@@ -29,7 +29,7 @@ from csm_jax.data.speech_corpus import make_speech_corpus
 from csm_jax.codec.config import MimiConfig
 from csm_jax.default_model import byte_tokenizer
 from csm_jax.hub import checkpoint_path
-from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, train
+from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, initial_params, train
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"model", "codec", "data", "optim", "train", "mesh", "distributed", "evaluate", "export", "paths",
@@ -174,7 +174,23 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     workdir = Path(cfg["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return train(tc, mc, Endless(loader(cfg, train_set, fmt, training=True)), eval_loader, workdir)
+    params = recoded_init(cfg, train_set) if cfg["model"].get("recode_from") else None
+    return train(tc, mc, Endless(loader(cfg, train_set, fmt, training=True)), eval_loader, workdir, params=params)
+
+
+def recoded_init(cfg: dict[str, Any], train_set: Dataset) -> Any:
+    """`model.init`'s parameters carried over to this run's codes (`csm_jax.csm.recode`): its audio rows
+    re-initialised from how the codes of `model.recode_from` (the same corpus prepared with the codec `init` was
+    trained on) and of `data.prepared` coincide on the training utterances. Used only when the run starts (a
+    resumed run restores its checkpoint)."""
+    from csm_jax.csm.recode import code_cooccurrence, recode_params
+
+    m, mc = cfg["model"], model_config(cfg)
+    if not m.get("init"):
+        raise ValueError("model.recode_from needs model.init: the model to carry over to the new codes")
+    counts = code_cooccurrence(Dataset.open(m["recode_from"]), train_set, mc.num_codebooks)
+    log.info("model.init's audio vocabulary recoded from %s (%d frames)", m["recode_from"], int(counts[0].sum()))
+    return recode_params(initial_params(m["init"], mc), counts)
 
 
 def restore_params(cfg: dict[str, Any], which: str | int = "best") -> tuple[Any, int]:
