@@ -174,15 +174,15 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     workdir = Path(cfg["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    params = recoded_init(cfg, train_set) if cfg["model"].get("recode_from") else None
+    params = (lambda: recoded_init(cfg, train_set)) if cfg["model"].get("recode_from") else None
     return train(tc, mc, Endless(loader(cfg, train_set, fmt, training=True)), eval_loader, workdir, params=params)
 
 
 def recoded_init(cfg: dict[str, Any], train_set: Dataset) -> Any:
     """`model.init`'s parameters carried over to this run's codes (`csm_jax.csm.recode`): its audio rows
     re-initialised from how the codes of `model.recode_from` (the same corpus prepared with the codec `init` was
-    trained on) and of `data.prepared` coincide on the training utterances. Used only when the run starts (a
-    resumed run restores its checkpoint)."""
+    trained on) and of `data.prepared` coincide on the training utterances. `run_training` calls it only when
+    the run starts (a resumed run restores its checkpoint)."""
     from csm_jax.csm.recode import code_cooccurrence, recode_params
 
     m, mc = cfg["model"], model_config(cfg)

@@ -73,6 +73,32 @@ def test_the_voice_ships_as_package_data_with_its_model_card() -> None:
         gen.prompt("Good.", 0, voice="nobody")
 
 
+def test_the_voice_recipe_describes_the_shipped_checkpoint() -> None:
+    """`experiment=voice` trains the shipped architecture, on the codes of the codec bundled with it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from csm_jax import experiment
+    from csm_jax.codec import MimiConfig
+    from csm_jax.csm.config import CsmConfig
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(str(root / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=voice"])
+    cfg = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "codec", "data", "train")}
+    shipped = CsmConfig.from_hf(json.loads((VOICE_DIR / "config.json").read_text()))
+    assert experiment.model_config(cfg) == shipped and shipped.context_codebooks == 8
+
+    cfg["codec"]["path"] = str(root / cfg["codec"]["path"])
+    codec = experiment.codec(cfg)
+    assert codec.config == MimiConfig.from_dict(cfg["codec"]["config"])  # what train_codec.py trains
+    bundled = default_generator().codec
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(codec.params), jax.tree.leaves(bundled.params)):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-3, atol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))  # the bundled copy is float16
+    assert cfg["data"]["loader"]["target_turns"] == "last" and cfg["train"]["loss"]["depth_fraction"] == 0.5
+
+
 def test_the_main_command_speaks_with_the_default_voice(voice_server: LiveServer, tmp_path: Path) -> None:
     health = json.loads(urllib.request.urlopen(voice_server.http_url + "health").read())
     assert health["model"] == NAME

@@ -66,12 +66,21 @@ def test_resume_after_crash_is_exact(tmp_path):
     assert full["step"] == 6 and not full["resumed"]
     assert full["eval"]["eval/batches"] == 2
 
+    made = []  # the crashed run gets its parameters from a function: called when it starts, not on resume
+
+    def make_params():
+        made.append(1)
+        return params
+
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(CONFIG, CFG, CrashingLoader(train_batches, crash_at=5), eval_batches, tmp_path / "crash", params=params)
+        train(CONFIG, CFG, CrashingLoader(train_batches, crash_at=5), eval_batches, tmp_path / "crash",
+              params=make_params)
+    assert len(made) == 1
     with Checkpointer(tmp_path / "crash" / "checkpoints") as ckpt:
         assert ckpt.latest_step() == 4
-    resumed = train(CONFIG, CFG, ListLoader(train_batches), eval_batches, tmp_path / "crash", params=params)
+    resumed = train(CONFIG, CFG, ListLoader(train_batches), eval_batches, tmp_path / "crash", params=make_params)
     assert resumed["resumed"] and resumed["start_step"] == 4 and resumed["step"] == 6
+    assert len(made) == 1
 
     ref, got = _losses(tmp_path / "full"), _losses(tmp_path / "crash")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]

@@ -133,10 +133,11 @@ def train(
     train_loader: Any,
     eval_loader: Any = None,
     workdir: str | Path = "train_run",
-    params: Any | None = None,
+    params: Any | Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Train to `config.max_steps`, resuming from `<workdir>/checkpoints` when there is a checkpoint (and
-    config.resume). `params`: float32 initial parameters (fine-tuning; or set config.init_from); ignored on resume.
+    config.resume). `params`: float32 initial parameters (fine-tuning; or set config.init_from), or a
+    zero-argument function making them; ignored (never called) on resume.
     Returns a summary: step, start_step, resumed, train (last logged metrics), eval (last eval), best_step,
     best_eval_loss, elapsed_s, workdir."""
     maybe_initialize_distributed(config.distributed)
@@ -160,6 +161,8 @@ def train(
             train_loader.restore(meta["loader"])
             log.info("resumed from step %d (%s)", latest, checkpointer.directory)
         else:
+            if callable(params):
+                params = params()
             if params is None and config.init_from:
                 params = initial_params(config.init_from, model_cfg)
                 log.info("fine-tuning from %s", config.init_from)
