@@ -18,6 +18,7 @@ import soundfile as sf
 from tokenizers import Tokenizer
 
 from csm_jax.codec.codec import MimiCodec, load_codec
+from csm_jax.codec.config import MimiConfig
 from csm_jax.configs import from_dict
 from csm_jax.csm.config import CsmConfig
 from csm_jax.csm.generator import Generator
@@ -26,7 +27,6 @@ from csm_jax.csm.sampling import Sampling
 from csm_jax.csm.weights import HUB_FILES
 from csm_jax.data import Dataset, Loader, make_espeak_corpus, prepare, split
 from csm_jax.data.speech_corpus import make_speech_corpus
-from csm_jax.codec.config import MimiConfig
 from csm_jax.default_model import byte_tokenizer
 from csm_jax.hub import checkpoint_path
 from csm_jax.training import Checkpointer, LossConfig, TrainConfig, TrainProgram, evaluate, initial_params, train
@@ -214,8 +214,8 @@ def run_evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
     params, step = restore_params(cfg, e.get("checkpoint", "best"))
     _, eval_set = datasets(cfg)
     full = LossConfig(depth_fraction=1.0)
-    metrics = evaluate(TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps), params, lambda: loader(cfg, eval_set, fmt, training=False),
-                       e.get("eval_batches"), full)
+    program = TrainProgram(mc, full, tc.optim, total_steps=tc.max_steps)
+    metrics = evaluate(program, params, lambda: loader(cfg, eval_set, fmt, training=False), e.get("eval_batches"), full)
     out = Path(cfg["workdir"]) / "eval" / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)
     gen = Generator(params, mc, mimi, fmt.tokenizer, frontend=fmt.frontend, max_context_turns=fmt.max_context_turns,

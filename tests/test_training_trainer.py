@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from csm_jax import backend
+from csm_jax.csm.weights import save_converted
 from csm_jax.training.checkpointing import Checkpointer
 from csm_jax.training.loss import LossConfig
-from csm_jax.csm.weights import save_converted
 from csm_jax.training.mesh import DistributedConfig, MeshConfig, make_train_mesh, maybe_initialize_distributed
 from csm_jax.training.metrics import read_jsonl
 from csm_jax.training.optim import OptimConfig
