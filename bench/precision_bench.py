@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csm_jax.csm import quantize
-from csm_jax.csm.config import CsmConfig, LlamaConfig
+from csm_jax.csm.config import CsmConfig, LlamaConfig, csm_1b
 from csm_jax.csm.engine import Engine
 from csm_jax.csm.model import Csm
 from csm_jax.csm.weights import load_csm_params
@@ -43,7 +43,7 @@ NEAR_TIE = 0.1  # logits: rows whose float32 top-1 leads by less are near-ties (
 
 def random_model(size: str) -> tuple[dict, CsmConfig]:
     if size == "csm_1b":
-        cfg = CsmConfig()  # the CSM-1B defaults
+        cfg = csm_1b()
     else:
         cfg = CsmConfig(backbone=LlamaConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                                              intermediate_size=256, max_seq_len=256),

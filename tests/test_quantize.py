@@ -147,6 +147,39 @@ def test_low_precision_logit_error(wide, quality) -> None:
     assert all(top1 > 0.9 for _, _, top1 in quality.values())
 
 
+def test_bf16_rounds_only_the_products_inputs() -> None:
+    """In bf16 the products read bf16 inputs and accumulate in float32; what lies between (RMSNorm, silu * up, the
+    residual branch) stays float32 and is rounded once: RMSNorm and the MLP equal a float32 reference that rounds
+    only there. Rounding the gate and up outputs, or the norm's scale and input apart, misses it by ~1e-3."""
+    from csm_jax.csm.llama import MLP, RMSNorm
+
+    cfg = wide_config().backbone
+    rng = np.random.default_rng(0)
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    x = rng.standard_normal((3, 5, cfg.hidden_size)).astype(np.float32)
+
+    scale = bf(1 + 0.1 * rng.standard_normal(cfg.hidden_size))
+    got = RMSNorm(cfg.norm_eps, jnp.bfloat16).apply({"params": {"scale": jnp.asarray(scale, jnp.bfloat16)}}, x)
+    want = bf(scale * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=1e-2 * 2**-8)  # the same bf16 value
+
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    w = {n: bf(rng.standard_normal(shape) / np.sqrt(shape[1])) for n, shape in
+         (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i)))}
+    params = {n: {"kernel": jnp.asarray(k, jnp.bfloat16)} for n, k in w.items()}
+    got = MLP(cfg, jnp.bfloat16).apply({"params": params}, jnp.asarray(x).astype(jnp.bfloat16))
+    xb = bf(x).astype(np.float64)
+    gate, up = xb @ w["gate_proj"].T, xb @ w["up_proj"].T
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    want = bf(silu(gate) * up).astype(np.float64) @ w["down_proj"].T
+    rounded_apart = bf(bf(silu(bf(gate))) * bf(up)).astype(np.float64) @ w["down_proj"].T  # each step in bf16
+    assert got.dtype == jnp.float32  # handed to the float32 residual stream unrounded
+    err, err_apart = (np.abs(a - want).mean() for a in (np.asarray(got), rounded_apart))
+    print(f"MLP mean error vs the rounded-once reference: {err:.3g}; rounding each step: {err_apart:.3g}")
+    assert err < 0.05 * err_apart
+
+
 # ------------------------------------------------------------------------------- load and convert ---
 def test_convert_quantize_round_trip(tmp_path) -> None:
     """`convert --quantize int8` stores int8 kernels + scales; they reload as saved (not re-quantised), equal to

@@ -79,20 +79,22 @@ def kernel_init(base: nn.initializers.Initializer = nn.initializers.lecun_normal
 class Linear(nn.Module):
     """Bias-free projection with a torch-layout kernel [*features, in]; `axes` are its logical names (features
     then in). Several features dimensions make one fused projection (e.g. q/k/v): one larger product, and
-    [out..., in] stays shardable along its leading (head) dimension."""
+    [out..., in] stays shardable along its leading (head) dimension. The input is cast to `dtype`; the output is
+    in `out_dtype` (default `dtype`): float32 hands on the float32 accumulator unrounded."""
 
     features: int | tuple[int, ...]
     axes: tuple[str, ...]
     dtype: jnp.dtype
     decode: bool = False  # see `linear`
     init: nn.initializers.Initializer | None = None  # default: `kernel_init()` (one features dimension)
+    out_dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         init = self.init or kernel_init()
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), (*features, x.shape[-1]))
-        return linear(x.astype(self.dtype), kernel, self.decode, optional_param(self, "kernel_scale"))
+        return linear(x.astype(self.dtype), kernel, self.decode, optional_param(self, "kernel_scale"), self.out_dtype)
 
 
 def qkv_kernel_init() -> nn.initializers.Initializer:
@@ -109,6 +111,8 @@ def qkv_kernel_init() -> nn.initializers.Initializer:
 
 
 class RMSNorm(nn.Module):
+    """x [..., D] normalised and scaled in float32, rounded once to `dtype`."""
+
     eps: float
     dtype: jnp.dtype
 
@@ -117,7 +121,7 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * xf.astype(self.dtype)
+        return (scale.astype(jnp.float32) * xf).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -138,12 +142,14 @@ class Attention(nn.Module):
         # q, k and v in one product, grouped by KV head: kernel [Hkv, R + 2, hd, D] holds, for KV head g, the
         # query heads g * R .. g * R + R - 1 (transformers' GQA order), then g's key, then g's value
         dec = cache is not None
+        # float32 out of the product, rotated in float32, rounded to the compute dtype once
         qkv = Linear((hkv, r + 2, hd), ("kv_heads", "qkv", "head_dim", "embed"), dt, dec, qkv_kernel_init(),
-                     name="qkv_proj")(x)
+                     name="qkv_proj", out_dtype=jnp.float32)(x)
         q = qkv[:, :, :, :r].reshape(b, t, h, hd)
         k, v = qkv[:, :, :, r], qkv[:, :, :, r + 1]  # [B, T, Hkv, hd]
         inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = (apply_rope(a, positions, inv_freq).astype(dt) for a in (q, k))
+        v = v.astype(dt)
         if cache is None:
             keys, values = (a.transpose(0, 2, 3, 1).reshape(b * hkv, hd, t) for a in (k, v))
             k_pos = positions
@@ -174,7 +180,7 @@ class Attention(nn.Module):
             out = jnp.einsum("xrts,xds->xtrd", probs, values.astype(dt), preferred_element_type=jnp.float32)
         out = out.astype(dt).reshape(b, hkv, t, r, hd)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
-        return Linear(cfg.hidden_size, ("embed", "heads"), dt, dec, name="o_proj")(out), cache
+        return Linear(cfg.hidden_size, ("embed", "heads"), dt, dec, name="o_proj", out_dtype=jnp.float32)(out), cache
 
 
 def filled_attention(qg: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, block: int,
@@ -210,11 +216,12 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, dt, dec = self.cfg, self.dtype, self.decode
+        cfg, dt, dec, f32 = self.cfg, self.dtype, self.decode, jnp.float32
         # (gate and up stay apart: for 2-8 rows XLA already fuses both products and down_proj into one)
-        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, dec, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, dec, name="up_proj")(x)
-        return Linear(cfg.hidden_size, ("embed", "mlp"), dt, dec, name="down_proj")(nn.silu(gate) * up)
+        # silu(gate) * up from the float32 accumulators, rounded to the compute dtype once (by down_proj)
+        gate = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, dec, name="gate_proj", out_dtype=f32)(x)
+        up = Linear(cfg.intermediate_size, ("mlp", "embed"), dt, dec, name="up_proj", out_dtype=f32)(x)
+        return Linear(cfg.hidden_size, ("embed", "mlp"), dt, dec, name="down_proj", out_dtype=f32)(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -234,7 +241,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """[B, T, D] inputs (embeddings) at `positions` -> final-normed hidden [B, T, D] in `dtype`. Layers run as a
     Python loop (faster than scan for one-token steps on CPU). The residual stream is float32: in bfloat16 its sums
-    would round at every layer (the products and the KV cache take the compute dtype)."""
+    would round at every layer. The products' inputs, the attention probabilities and the KV cache take the compute
+    dtype; everything between a product's float32 accumulator and the next product's input (RoPE, silu * up, the
+    residual add, RMSNorm) stays float32 and is rounded once."""
 
     cfg: LlamaConfig
     dtype: jnp.dtype
