@@ -79,7 +79,7 @@ def test_the_voice_recipe_describes_the_shipped_checkpoint() -> None:
     from omegaconf import OmegaConf
 
     from csm_jax import experiment
-    from csm_jax.codec import MimiConfig
+    from csm_jax.codec import MimiConfig, load_codec
     from csm_jax.csm.config import CsmConfig
 
     root = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_the_voice_recipe_describes_the_shipped_checkpoint() -> None:
     cfg["codec"]["path"] = str(root / cfg["codec"]["path"])
     codec = experiment.codec(cfg)
     assert codec.config == MimiConfig.from_dict(cfg["codec"]["config"])  # what train_codec.py trains
-    bundled = default_generator().codec
+    bundled = load_codec(VOICE_DIR)  # the codec inside the shipped CSM directory
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(codec.params), jax.tree.leaves(bundled.params)):
         np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-3, atol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))  # the bundled copy is float16
