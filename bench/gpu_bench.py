@@ -35,6 +35,9 @@ Variants (`--variants`, default bf16,int8,fp32; fp32 only at `--fp32-batches`, d
   to its compute dtype, a no-op for bf16 weights, so a frame reads 2 bytes per parameter.
 - `bf16_f32w` (not in the default list): `dtype="bfloat16"` over float32 weights, which is what
   `load_csm(..., dtype="bfloat16")` and the server's `model.dtype=bfloat16` give today.
+- `bf16_f32` (not in the default list): weight-only bf16 computing in float32 (`quantize_params(params, cfg,
+  "bf16", "float32")`): 2 bytes per parameter read like `bf16`, float32 product inputs and KV cache; what it costs
+  over `bf16` is the price of its better agreement with float32 (`precision_bench.py`).
 - `int8`: run when csm_jax offers int8 weights, found at run time by `int8_support()` (no change here needed):
   either a module `csm_jax.csm.quantize` with `quantize_params(params, cfg, "int8") -> (params, cfg)` (what
   `Engine(params, cfg, B)` then takes), or a `CsmConfig` field `weights_dtype` accepting "int8" (the engine
@@ -108,9 +111,10 @@ from csm_jax.csm.model import Csm
 
 FRAME_MS = 80.0
 TEMPERATURE, TOP_K = 0.9, 50
-VARIANTS = ("fp32", "bf16", "bf16_f32w", "int8")
-WEIGHT_ITEMSIZE = {"fp32": 4, "bf16": 2, "bf16_f32w": 4, "int8": 1}  # nominal bytes per parameter read
-COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "bf16_f32w": "bfloat16", "int8": "bfloat16"}
+VARIANTS = ("fp32", "bf16", "bf16_f32w", "bf16_f32", "int8")
+WEIGHT_ITEMSIZE = {"fp32": 4, "bf16": 2, "bf16_f32w": 4, "bf16_f32": 2, "int8": 1}  # nominal bytes per parameter read
+COMPUTE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "bf16_f32w": "bfloat16", "bf16_f32": "float32",
+                 "int8": "bfloat16"}
 FULL = {"batches": "1,4,16,64", "steps": 20, "warmup": 3, "ttfa_repeats": 5, "bandwidth_gib": 2.0,
         "time_budget_s": 400.0}
 TINY = {"batches": "1,2", "steps": 3, "warmup": 1, "ttfa_repeats": 2, "bandwidth_gib": 0.03,
@@ -305,6 +309,10 @@ def build_variant(name: str, params32: Any, cfg32: CsmConfig) -> tuple[Any, CsmC
     if name == "bf16":
         cast = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p))
         return cast(params32), cfg32.replace(dtype="bfloat16")
+    if name == "bf16_f32":
+        from csm_jax.csm.quantize import quantize_params
+
+        return quantize_params(params32, cfg32, "bf16", "float32")
     if name == "int8":
         hook = int8_support()
         if isinstance(hook, str):

@@ -15,8 +15,9 @@ Choices the policy makes today:
   dot (`csm.llama.linear`). On XLA:CPU that streams the weights once at 25-45 GB/s where a dot reaches 10-20 GB/s
   for 2-8 rows, and stays ~1.6x faster than the dot at 16-32 rows (one row: a dot is fastest); on GPU/TPU a matrix
   multiply is the right form at every row count.
-- `quantized_compute_dtype`: the dtype int8 weights are dequantised into (`csm.quantize`): float32 on CPU (XLA:CPU
-  has no fast bf16 products), bfloat16 on accelerators.
+- `quantized_compute_dtype`: the dtype weight-only int8 and bf16 kernels are computed in (`csm.quantize`): float32
+  on CPU (XLA:CPU has no fast bf16 products), bfloat16 on accelerators (float32 there keeps the products' inputs
+  exact for the same weight bytes read).
 - `decode_attention`: how a one-frame step attends over its static KV cache (`csm.llama.Attention`). "filled":
   blocks of `attention_block` slots, only as many as the longest row has filled (a loop with a data-dependent
   trip count and an online softmax), so a frame reads the cache it uses rather than all max_seq_len slots; the

@@ -44,7 +44,7 @@ def one(records: list[dict], kind: str, **match: Any) -> dict[str, Any]:
 
 
 def test_gpu_bench_tiny(tmp_path: Path) -> None:
-    _, records = run_bench(tmp_path)
+    _, records = run_bench(tmp_path, "--variants", "bf16,int8,fp32,bf16_f32")
     errors = [r for r in records if "error" in r]
     assert not errors, errors
 
@@ -57,19 +57,20 @@ def test_gpu_bench_tiny(tmp_path: Path) -> None:
             positive(one(records, "floor", variant=variant, batch=b), "floor_ms", "floor_static_kv_ms",
                      "weight_bytes", "kv_bytes_per_row")
     floors = {r["variant"]: r["weight_bytes"] for r in records if r["kind"] == "floor" and r["batch"] == 1}
-    assert floors["fp32"] == 2 * floors["bf16"] == 4 * floors["int8"]
+    assert floors["fp32"] == 2 * floors["bf16"] == 2 * floors["bf16_f32"] == 4 * floors["int8"]
     positive(one(records, "params", variant="fp32"), "build_s", "n_params", "bytes")
     assert one(records, "params", variant="bf16")["weights_dtype"] == "bfloat16"
     positive(one(records, "codec"), "build_s", "n_params")
 
     timing = ("median_ms", "min_ms", "p90_ms", "pipelined_ms", "first_call_s", "frames_per_s", "rtf", "floor_ms",
               "floor_ratio")
-    for variant, batches in (("bf16", (1, 2)), ("fp32", (1,))):
+    for variant, batches in (("bf16", (1, 2)), ("fp32", (1,)), ("bf16_f32", (1, 2))):
         for b in batches:
             r = one(records, "frame", variant=variant, batch=b)
             positive(r, *timing)
             assert r["n"] == 3 and len(r["times_ms"]) == 3
-            assert r["compute_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[variant]
+            assert r["compute_dtype"] == {"bf16": "bfloat16", "fp32": "float32", "bf16_f32": "float32"}[variant]
+    assert one(records, "params", variant="bf16_f32")["weights_dtype"] == "bfloat16,float32"
     for b in (1, 2):
         r = one(records, "frame", variant="int8", batch=b)
         if "skipped" in r:  # this csm_jax has no int8 weights: the reason is given

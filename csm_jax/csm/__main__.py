@@ -4,8 +4,9 @@
         [--context speaker:transcript:path.wav ...] [--max-audio-ms 10000] [--temperature T] [--top-k K]
         [--depth-temperature T] [--depth-top-k K] [--seed 0] [--num-codebooks 32] [--voice NAME | --no-voice]
     python -m csm_jax.csm voice DIR NAME --turn "Its transcript.:ref.wav" [--turn ...]   # add a voice preset to DIR
-    python -m csm_jax.csm convert SRC DST [--quantize int8]   # transformers / original checkpoint -> orbax dir
-        (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales
+    python -m csm_jax.csm convert SRC DST [--quantize int8|bf16]   # transformers / original checkpoint -> orbax
+        dir (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales, bf16
+        stores them in bfloat16 (computing in the checkpoint's dtype)
     python -m csm_jax.csm export SRC DST [--dtype float16] [--codec CODEC]   # any checkpoint -> transformers CSM
         dir (+ tokenizer.json, prompt.json, voice presets and the codec under codec_model. when SRC has them;
         generation_config.json); --codec bundles another codec that makes the same codes (a fine-tuned decoder)
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     c.add_argument("output", type=Path)
     c.add_argument("--quantize", choices=list(QUANTIZE_MODES), default=None,
-                   help="store int8 weight-only quantised projections and heads (per-output-channel scales); "
-                        "embeddings and norms stay in the checkpoint's dtype")
+                   help="store the projections and heads weight-only quantised: int8 (per-output-channel scales) "
+                        "or bf16; embeddings and norms stay in the checkpoint's dtype, which the model computes in")
     e = sub.add_parser("export", help="write a transformers CSM directory (CsmForConditionalGeneration reads it)")
     e.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     e.add_argument("output", type=Path)

@@ -220,8 +220,9 @@ class Generator:
         to [0, code_limit) (the audio APIs use the codec's codebook size; default: the whole audio vocab)."""
         sampling = self.resolve_sampling(temperature, top_k, depth_temperature, depth_top_k)
         prompts = self._check(tokens, mask, max_frames, seed)
-        if code_limit is not None and not (isinstance(code_limit, int) and 1 <= code_limit <= self.cfg.audio_vocab_size):
-            raise ValueError(f"code_limit must be an int in 1..{self.cfg.audio_vocab_size}, got {code_limit!r}")
+        vocab = self.cfg.audio_vocab_size
+        if code_limit is not None and not (isinstance(code_limit, int) and 1 <= code_limit <= vocab):
+            raise ValueError(f"code_limit must be an int in 1..{vocab}, got {code_limit!r}")
         out: list[list[np.ndarray]] = [[] for _ in prompts]
         for codes, live in self._frames(prompts, max_frames, sampling, seed, code_limit):
             for i in np.flatnonzero(live):
@@ -266,9 +267,9 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
     hub repo id `org/name[@revision]` (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or
     anything `load_codec` reads, hub ids included) overrides where Mimi comes from.
     `dtype`: the compute dtype (float32, bfloat16); parameters are stored in it (cast once here).
-    `quantize="int8"`: int8 weight-only quantisation of the projections and heads (`csm_jax.csm.quantize`),
-    computing in `dtype` (default: the backend policy's); a checkpoint converted with `--quantize int8` is already
-    quantised and is not quantised again.
+    `quantize`: weight-only "int8" or "bf16" projections and heads (`csm_jax.csm.quantize`), computing in `dtype`
+    (default: the backend policy's `quantized_compute_dtype`); a checkpoint converted with `--quantize` keeps its
+    mode and is not quantised again.
     `backend`: backend policy overrides (`csm_jax.backend.configure`, process-wide; None values keep the
     backend's defaults); None leaves the policy as it is."""
     if quantize is not None and quantize not in csm_quantize.MODES:
@@ -277,9 +278,10 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
         backend_policy.configure(backend)
     path = hub.checkpoint_path(path, HUB_FILES)
     params, cfg = load_csm_params(path)
-    if quantize is not None or csm_quantize.is_quantized(params):
-        params, cfg = csm_quantize.quantize_params(params, cfg, "int8", dtype or (
-            cfg.dtype if csm_quantize.is_quantized(params) else None))
+    stored = csm_quantize.quantization(params)
+    if quantize is not None or stored is not None:
+        params, cfg = csm_quantize.quantize_params(params, cfg, quantize or stored,
+                                                   dtype or (cfg.dtype if stored else None))
     elif dtype is not None:
         cfg = cfg.replace(dtype=dtype)
         params = csm_quantize.cast_params(params, cfg.compute_dtype)

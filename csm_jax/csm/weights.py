@@ -37,7 +37,7 @@ HUB_FILES = ("config.json", "model.safetensors", GENERATION_CONFIG, "tokenizer.j
 # Converted checkpoints name their parameter layout in their JSON description (kernels [out, in], q/k/v fused);
 # older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
 LAYOUT_KEY, LAYOUT = "csm_param_layout", "qkv_out_in"
-QUANTIZE_KEY = "csm_weight_quantization"  # "int8" when the kernels are stored int8 with scales (csm.quantize)
+QUANTIZE_KEY = "csm_weight_quantization"  # the kernels' weight-only mode, "int8" or "bf16" (csm.quantize)
 _HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
 
 
@@ -70,7 +70,8 @@ def _stack_entries(cfg: LlamaConfig, ours: str, theirs: str, fmt: str) -> Iterat
                      "ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight"}
         else:
             names = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.output_proj",
-                     "gate": "mlp.w1", "up": "mlp.w3", "down": "mlp.w2", "ln1": "sa_norm.scale", "ln2": "mlp_norm.scale"}
+                     "gate": "mlp.w1", "up": "mlp.w3", "down": "mlp.w2", "ln1": "sa_norm.scale",
+                     "ln2": "mlp_norm.scale"}
         # Linear kernels are [out, in], as torch stores them; q/k/v are fused (see llama)
         rope = (lambda w, heads: w) if fmt == "hf" else rope_interleaved_to_half
         keys = tuple((f"{t}.{names[proj]}.weight", (rows, d)) for proj, rows in
@@ -147,10 +148,10 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
         cfg = config or CsmConfig.from_dict(meta["config"])
         if meta.get(LAYOUT_KEY) == LAYOUT:
             abstract = abstract_params(cfg)
-            if meta.get(QUANTIZE_KEY) is not None:  # int8 kernels + scales, restored as saved (no re-quantising)
+            if meta.get(QUANTIZE_KEY) is not None:  # int8 or bf16 kernels, restored as saved (no re-quantising)
                 if meta[QUANTIZE_KEY] not in quantize.MODES:
                     raise CheckpointError(f"{path}: unknown weight quantisation {meta[QUANTIZE_KEY]!r}")
-                abstract = quantize.abstract_quantized(abstract, cfg)
+                abstract = quantize.abstract_quantized(abstract, cfg, meta[QUANTIZE_KEY])
             return checkpoint.restore(path, abstract), cfg
         # converted before the current layout (no layout entry): separate [in, out] kernels, mapped as a
         # transformers checkpoint would be
@@ -171,14 +172,16 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
 
 
 def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) -> Path:
-    """Write an orbax checkpoint that `load_csm_params` reads back (int8 params from `quantize.quantize_params`
-    included: they are stored as they are, with their scales, and the config's compute dtype)."""
+    """Write an orbax checkpoint that `load_csm_params` reads back (int8 or bf16 params from
+    `quantize.quantize_params` included: they are stored as they are, int8 with their scales, and the config's
+    compute dtype)."""
     path = checkpoint.save(path, params, CHECKPOINT_KIND, cfg.to_dict())
     meta_file = path / checkpoint.META_FILE
     meta = json.loads(meta_file.read_text())
     meta[LAYOUT_KEY] = LAYOUT
-    if quantize.is_quantized(params):
-        meta[QUANTIZE_KEY] = "int8"
+    mode = quantize.quantization(params)
+    if mode is not None:
+        meta[QUANTIZE_KEY] = mode
     meta_file.write_text(json.dumps(meta, indent=2))
     return path
 
