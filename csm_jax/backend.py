@@ -38,8 +38,9 @@ Choices still made one way for every backend (CPU-tuned; candidates for fields h
 accelerator asks for a second implementation): the KV cache layout [B, Hkv, head_dim, S] (`csm.llama.Attention`)
 and layers as an unrolled Python loop rather than a scan (`csm.llama.Transformer`). What a scan would save is
 compile time, and little of it: on XLA:CPU the full-size CSM-1B frame step compiles in 4.7 s with its 16 backbone
-layers unrolled against 3.3 s with one layer, a 256-row prefill in 1.3 s against 0.4 s (2 quiet cores, session 21). Sampling has one form everywhere: the top-k threshold
-is an exact branch-free search (`csm.sampling`), so a compiled frame holds no conditional.
+layers unrolled against 3.3 s with one layer, a 256-row prefill in 1.3 s against 0.4 s (2 quiet cores, session 21).
+Sampling has one form everywhere: the top-k threshold is an exact branch-free search (`csm.sampling`), so a
+compiled frame holds no conditional.
 """
 
 from __future__ import annotations
