@@ -15,6 +15,10 @@ Choices the policy makes today:
   dot (`csm.llama.linear`). On XLA:CPU that streams the weights once at 25-45 GB/s where a dot reaches 10-20 GB/s
   for 2-8 rows, and stays ~1.6x faster than the dot at 16-32 rows (one row: a dot is fastest); on GPU/TPU a matrix
   multiply is the right form at every row count.
+- `serving_dtype`: the dtype the entry points (the server, `python -m csm_jax.csm generate`) load a model in when
+  their config names none (`model.dtype` and `model.quantize` null): float32 on CPU, bfloat16 on accelerators
+  (weights stored in it, products accumulating in float32; `csm.llama`). The library's `load_csm` keeps a
+  checkpoint's own dtype unless told.
 - `quantized_compute_dtype`: the dtype weight-only int8 and bf16 kernels are computed in (`csm.quantize`): float32
   on CPU (XLA:CPU has no fast bf16 products), bfloat16 on accelerators (float32 there keeps the products' inputs
   exact for the same weight bytes read).
@@ -58,6 +62,7 @@ class BackendPolicy:
 
     small_row_products: bool = False
     small_rows: int = 32  # the most rows a small-row product takes (with small_row_products)
+    serving_dtype: str = "bfloat16"
     quantized_compute_dtype: str = "bfloat16"
     decode_attention: str = "full"  # "full" | "filled"
     attention_block: int = 256  # cache slots per block of "filled" attention
@@ -75,9 +80,9 @@ class BackendPolicy:
             raise TypeError(f"small_row_products must be a bool, got {self.small_row_products!r}")
         if isinstance(self.small_rows, bool) or not isinstance(self.small_rows, int) or self.small_rows < 2:
             raise ValueError(f"small_rows must be an int >= 2, got {self.small_rows!r}")
-        if self.quantized_compute_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError("quantized_compute_dtype must be float32, bfloat16 or float16, got "
-                             f"{self.quantized_compute_dtype!r}")
+        for name in ("serving_dtype", "quantized_compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
 
     def replace(self, **changes: Any) -> BackendPolicy:
         return dataclasses.replace(self, **changes)
@@ -89,6 +94,7 @@ class PolicyOverrides:
 
     small_row_products: bool | None = None
     small_rows: int | None = None
+    serving_dtype: str | None = None
     quantized_compute_dtype: str | None = None
     decode_attention: str | None = None
     attention_block: int | None = None
@@ -98,8 +104,8 @@ class PolicyOverrides:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-_CPU = BackendPolicy(small_row_products=True, quantized_compute_dtype="float32", decode_attention="filled",
-                     int8_kernel="native")
+_CPU = BackendPolicy(small_row_products=True, serving_dtype="float32", quantized_compute_dtype="float32",
+                     decode_attention="filled", int8_kernel="native")
 _ACCELERATOR = BackendPolicy(small_row_products=False, quantized_compute_dtype="bfloat16")
 
 

@@ -3,6 +3,8 @@ compiles under each choice."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,10 +28,10 @@ def _restore_policy():
 
 def test_defaults_differ_by_backend() -> None:
     cpu = backend.policy_for("cpu")
-    assert cpu.small_row_products and cpu.quantized_compute_dtype == "float32"
+    assert cpu.small_row_products and cpu.quantized_compute_dtype == cpu.serving_dtype == "float32"
     for name in ("gpu", "cuda", "rocm", "tpu"):
         accel = backend.policy_for(name)
-        assert not accel.small_row_products and accel.quantized_compute_dtype == "bfloat16"
+        assert not accel.small_row_products and accel.quantized_compute_dtype == accel.serving_dtype == "bfloat16"
         assert accel.small_rows == cpu.small_rows
     assert backend.current() == backend.policy_for(jax.default_backend())
 
@@ -69,6 +71,29 @@ def test_serve_config_overrides() -> None:
     assert ServeConfig().engine.backend.as_dict() == {}  # nothing overridden by default
     with pytest.raises(ValueError, match="unknown config key"):
         ServeConfig.from_dict({"engine": {"backend": {"scan_layers": True}}})
+
+
+def test_the_server_serves_in_the_policys_dtype() -> None:
+    """`model.dtype: null` serves in the policy's `serving_dtype` (float32 on this CPU, bfloat16 where the policy
+    says so, as on accelerators); `model.dtype` overrides it, and quantised weights compute in the policy's
+    `quantized_compute_dtype`."""
+    from csm_jax.serving.config import ModelConfig
+    from csm_jax.serving.server import build_generator
+
+    def served(model: dict, policy: dict) -> tuple[str, set]:
+        config = ServeConfig(model=ModelConfig(random_seed=0, **model))
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine,
+                                                                        backend=PolicyOverrides(**policy)))
+        generator, _ = build_generator(config)
+        return generator.cfg.dtype, {str(x.dtype) for x in jax.tree_util.tree_leaves(generator.params)}
+
+    assert served({}, {}) == ("float32", {"float32"})
+    assert served({}, {"serving_dtype": "bfloat16"}) == ("bfloat16", {"bfloat16"})
+    assert served({"dtype": "float32"}, {"serving_dtype": "bfloat16"}) == ("float32", {"float32"})
+    dtype, stored = served({"quantize": "int8"}, {"serving_dtype": "bfloat16"})
+    assert dtype == "float32" and stored == {"float32", "int8"}  # quantized_compute_dtype: float32 on CPU
+    dtype, stored = served({"quantize": "bf16"}, {})
+    assert dtype == "float32" and stored == {"float32", str(jnp.dtype(jnp.bfloat16))}
 
 
 def _ops(text: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from csm_jax import hub
+from csm_jax import backend, hub
 from csm_jax.audio import AudioError, load_audio
 from csm_jax.checkpoint import CheckpointError
 from csm_jax.codec.codec import MimiCodec, load_codec
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out.absolute().parent.is_dir():
             raise ValueError(f"cannot write {args.out}: directory {args.out.absolute().parent} does not exist")
         context = [_segment(spec) for spec in args.context]
-        gen = load_csm(ckpt, num_codebooks=args.num_codebooks)
+        gen = load_csm(ckpt, num_codebooks=args.num_codebooks, dtype=backend.current().serving_dtype)
         audio = gen.generate(args.text, args.speaker, context, args.max_audio_ms, args.temperature, args.top_k,
                              args.seed, depth_temperature=args.depth_temperature, depth_top_k=args.depth_top_k,
                              voice=None if args.no_voice else args.voice)

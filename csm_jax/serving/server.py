@@ -84,25 +84,30 @@ def check_mesh_fits(mesh: Mesh | None, generator: Generator, batch_size: int) ->
 
 def build_generator(config: ServeConfig, mesh: Mesh | None = None) -> tuple[Generator, str]:
     """The served model (a checkpoint, the built-in default voice, or the tiny random model) on `mesh` ->
-    (generator, model name); checks the mesh fits it."""
+    (generator, model name); checks the mesh fits it. It computes in `model.dtype`, else (no `model.quantize`)
+    in the backend policy's `serving_dtype`."""
+    from csm_jax import backend
     from csm_jax.csm.generator import load_csm
-    from csm_jax.csm.quantize import quantize_params
+    from csm_jax.csm.quantize import cast_params, quantize_params
     from csm_jax.default_model import NAME, RANDOM_NAME, VOICE_DIR, random_generator
 
     rules = config.mesh.resolved_rules()
     m = config.model
+    dtype = m.dtype or (None if m.quantize else backend.resolve(config.engine.backend).serving_dtype)
     if m.random_seed is not None:
         if m.path is not None:
             raise ValueError("model.path and model.random_seed exclude each other: pass one")
         generator, name = random_generator(m.random_seed), RANDOM_NAME
-        if m.num_codebooks is not None or m.quantize is not None or mesh is not None:
-            params, cfg = generator.params, generator.cfg
-            if m.quantize is not None:
-                params, cfg = quantize_params(params, cfg, m.quantize)
+        params, cfg = generator.params, generator.cfg
+        if m.quantize is not None:
+            params, cfg = quantize_params(params, cfg, m.quantize, dtype)
+        elif dtype != cfg.dtype:
+            params, cfg = cast_params(params, dtype), cfg.replace(dtype=dtype)
+        if m.num_codebooks is not None or m.quantize is not None or cfg != generator.cfg or mesh is not None:
             generator = Generator(params, cfg, generator.codec, generator.tokenizer, m.num_codebooks, mesh, rules,
                                   frontend=generator.prompt_format().frontend)
     else:
-        generator = load_csm(m.path or VOICE_DIR, codec=m.codec, num_codebooks=m.num_codebooks, dtype=m.dtype,
+        generator = load_csm(m.path or VOICE_DIR, codec=m.codec, num_codebooks=m.num_codebooks, dtype=dtype,
                              quantize=m.quantize, backend=config.engine.backend, mesh=mesh, rules=rules)
         name = NAME if m.path is None else Path(m.path).name
     if generator.tokenizer is None or generator.codec is None:
