@@ -9,10 +9,11 @@ The checkpoint, prompt, sampling (top-k 50, temperature 0.9), timing of transfor
 - `hf_fp32`: transformers as loaded;
 - `hf_int8`: a second load, `torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, torch.qint8, inplace=True)`
   (int8 weights, activations quantised per call: what torch offers on CPU);
-- `jax_int8`: `load_csm(path, quantize="int8")`: int8 kernels of the backbone, depth decoder, projection and heads
-  with per-output-channel scales, float32 compute on CPU (the backend policy's `quantized_compute_dtype`).
+- `jax_int8`: `load_csm(path, quantize="int8")`: int8 kernels of the backbone, depth decoder, projection and audio
+  head with per-output-channel scales (codebook 0's head stays float, `quantize.FLOAT_KERNELS`), float32 compute
+  on CPU (the backend policy's `quantized_compute_dtype`).
 Printed: ms per frame (min / median), the speedups (target at B=1: >= 3x transformers fp32, >= 1.5x transformers
-int8) and the int8 bandwidth floor: the bytes one frame reads (int8 kernels + their scales + the float32 norms,
+int8) and the int8 bandwidth floor: the bytes one frame reads (int8 kernels + their scales + the float32 norms and head,
 the KV cache of the context) over the read bandwidth probed in JAX.
 """
 

@@ -9,6 +9,8 @@ figures are printed (`pytest -s`).
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import flax.traverse_util
 import jax
@@ -16,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csm_jax import backend
+from csm_jax import backend, checkpoint
 from csm_jax.csm import quantize
 from csm_jax.csm.__main__ import main
 from csm_jax.csm.config import CsmConfig, LlamaConfig
 from csm_jax.csm.generator import load_csm
 from csm_jax.csm.model import Csm
-from csm_jax.csm.weights import load_csm_params, save_converted
+from csm_jax.csm.weights import CHECKPOINT_KIND, FLOAT_KERNELS_KEY, load_csm_params, save_converted
 
 
 def tiny_config() -> CsmConfig:
@@ -86,22 +88,30 @@ def test_quantize_params_structure() -> None:
     kernels = [p for p in flat if quantize.is_kernel(p)]
     # every projection of both stacks (q/k/v fused, o, gate, up, down), the projection and both heads
     assert len(kernels) == 5 * (cfg.backbone.num_layers + cfg.decoder.num_layers) + 3
-    assert set(qflat) == set(flat) | {(*p[:-1], p[-1] + "_scale") for p in kernels}
+    # ... all quantised but codebook 0's head, kept in the compute dtype
+    quantized = [p for p in kernels if p != ("codebook0_head",)]
+    assert quantize.FLOAT_KERNELS == ("codebook0_head",) and quantize.float_kernels(qp) == quantize.FLOAT_KERNELS
+    assert quantize.float_kernels(params) == ()
+    assert set(qflat) == set(flat) | {(*p[:-1], p[-1] + "_scale") for p in quantized}
     for path, w in flat.items():
-        if path in kernels:
+        if path in quantized:
             q, s = qflat[path], qflat[(*path[:-1], path[-1] + "_scale")]
             assert q.dtype == np.int8 and q.shape == w.shape and s.dtype == np.float32 and s.shape == w.shape[:-1]
             assert np.abs(q).max() == 127  # symmetric absmax scaling: each channel's largest weight hits 127
             # dequantised within half a step of each channel's scale
             assert np.all(np.abs(quantize.dequantize(q, s) - w) <= s[..., None] / 2 + 1e-7)
         else:
-            np.testing.assert_array_equal(qflat[path], w)  # embeddings and norms untouched (float32 compute)
+            np.testing.assert_array_equal(qflat[path], w)  # embeddings, norms, c0 head untouched (float32 compute)
+    # keep=(): every kernel int8 (checkpoints converted before FLOAT_KERNELS hold that)
+    every, _ = quantize.quantize_params(params, cfg, "int8", "float32", keep=())
+    assert every["codebook0_head"].dtype == np.int8 and quantize.float_kernels(every) == ()
     with pytest.raises(ValueError, match="int4"):
         quantize.quantize_params(params, cfg, "int4")
     # compute dtype: bf16 casts what is not quantised; an already quantised tree is only cast
     bp, bcfg = quantize.quantize_params(qp, cfg, "int8", "bfloat16")
     assert bcfg.dtype == "bfloat16" and bp["text_embeddings"].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(bp["codebook0_head"], qp["codebook0_head"])
+    np.testing.assert_array_equal(bp["audio_head"], qp["audio_head"])
+    assert bp["codebook0_head"].dtype == jnp.bfloat16  # the kept head: the compute dtype
     # default compute dtype: the backend policy's
     with backend.use(quantized_compute_dtype="bfloat16"):
         assert quantize.quantize_params(params, cfg)[1].dtype == "bfloat16"
@@ -115,9 +125,9 @@ def test_bf16_weights_structure() -> None:
     bp, bcfg = quantize.quantize_params(params, cfg, "bf16", "float32")
     assert bcfg == cfg and quantize.quantization(bp) == "bf16"
     flat, bflat = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(bp)
-    assert set(bflat) == set(flat)
+    assert set(bflat) == set(flat) and quantize.float_kernels(bp) == ("codebook0_head",)
     for path, w in flat.items():
-        if quantize.is_kernel(path):
+        if quantize.is_kernel(path) and path != ("codebook0_head",):
             assert bflat[path].dtype == jnp.bfloat16
             np.testing.assert_array_equal(np.asarray(bflat[path], np.float32), np.asarray(jnp.asarray(w, jnp.bfloat16),
                                                                                           np.float32))
@@ -242,6 +252,28 @@ def test_convert_quantize_round_trip(tmp_path) -> None:
         assert codes.min() >= 0 and codes.max() < cfg.audio_vocab_size
     with pytest.raises(ValueError, match="int4"):
         load_csm(src, quantize="int4")
+
+
+def test_int8_checkpoints_from_before_float_kernels_load_as_saved(tmp_path) -> None:
+    """Converted int8 checkpoints record the kernels they kept in float; those converted before (every kernel int8,
+    no record) load as they were saved: codebook 0's head int8 with its scale."""
+    cfg = tiny_config()
+    params = init_params(cfg)
+    new = save_converted(tmp_path / "new", quantize.quantize_params(params, cfg, "int8", "float32")[0], cfg)
+    assert checkpoint.read_meta(new, CHECKPOINT_KIND)[FLOAT_KERNELS_KEY] == ["codebook0_head"]
+    every, _ = quantize.quantize_params(params, cfg, "int8", "float32", keep=())
+    old = save_converted(tmp_path / "old", every, cfg)
+    meta_file = old / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop(FLOAT_KERNELS_KEY) == []
+    meta_file.write_text(json.dumps(meta))
+    for loaded in (load_csm_params(old)[0], load_csm(old).params):
+        flat, want = flax.traverse_util.flatten_dict(loaded), flax.traverse_util.flatten_dict(every)
+        assert set(flat) == set(want) and loaded["codebook0_head"].dtype == np.int8
+        for path, value in want.items():
+            np.testing.assert_array_equal(flat[path], value, err_msg=str(path))
+    tokens, mask = prompt(cfg, batch=1, rows=10)
+    assert load_csm(old).generate_codes(tokens[0], mask[0], max_frames=2, seed=0).shape[1] == cfg.num_codebooks
 
 
 def test_convert_bf16_weights_round_trip(tmp_path) -> None:

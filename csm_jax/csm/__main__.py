@@ -5,8 +5,8 @@
         [--depth-temperature T] [--depth-top-k K] [--seed 0] [--num-codebooks 32] [--voice NAME | --no-voice]
     python -m csm_jax.csm voice DIR NAME --turn "Its transcript.:ref.wav" [--turn ...]   # add a voice preset to DIR
     python -m csm_jax.csm convert SRC DST [--quantize int8|bf16]   # transformers / original checkpoint -> orbax
-        dir (+ tokenizer, codec); --quantize int8 stores int8 projections and heads with per-channel scales, bf16
-        stores them in bfloat16 (computing in the checkpoint's dtype)
+        dir (+ tokenizer, codec); --quantize int8 stores int8 projections and audio heads with per-channel scales,
+        bf16 stores them in bfloat16 (computing in the checkpoint's dtype, codebook 0's head kept in it)
     python -m csm_jax.csm export SRC DST [--dtype float16] [--codec CODEC]   # any checkpoint -> transformers CSM
         dir (+ tokenizer.json, prompt.json, voice presets and the codec under codec_model. when SRC has them;
         generation_config.json); --codec bundles another codec that makes the same codes (a fine-tuned decoder)
@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     c.add_argument("output", type=Path)
     c.add_argument("--quantize", choices=list(QUANTIZE_MODES), default=None,
-                   help="store the projections and heads weight-only quantised: int8 (per-output-channel scales) "
-                        "or bf16; embeddings and norms stay in the checkpoint's dtype, which the model computes in")
+                   help="store the projections and audio heads weight-only quantised: int8 (per-output-channel "
+                        "scales) or bf16; embeddings, norms and codebook 0's head stay in the checkpoint's dtype, "
+                        "which the model computes in")
     e = sub.add_parser("export", help="write a transformers CSM directory (CsmForConditionalGeneration reads it)")
     e.add_argument("input", type=Path, help="CSM checkpoint: a path or a hub id org/name[@revision]")
     e.add_argument("output", type=Path)

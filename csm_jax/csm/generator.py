@@ -267,7 +267,7 @@ def load_csm(path: str | Path, *, codec: MimiCodec | str | Path | None = None, n
     hub repo id `org/name[@revision]` (e.g. "sesame/csm-1b"; see `csm_jax.hub`). `codec` (a MimiCodec, or
     anything `load_codec` reads, hub ids included) overrides where Mimi comes from.
     `dtype`: the compute dtype (float32, bfloat16); parameters are stored in it (cast once here).
-    `quantize`: weight-only "int8" or "bf16" projections and heads (`csm_jax.csm.quantize`), computing in `dtype`
+    `quantize`: weight-only "int8" or "bf16" projections and audio heads (`csm_jax.csm.quantize`), computing in `dtype`
     (default: the backend policy's `quantized_compute_dtype`); a checkpoint converted with `--quantize` keeps its
     mode and is not quantised again.
     `backend`: backend policy overrides (`csm_jax.backend.configure`, process-wide; None values keep the

@@ -5,19 +5,23 @@
     params, cfg = quantize_params(params, cfg, "bf16", "float32")                  # bf16 kernels, float32 compute
 
 Weight-only modes store every projection kernel of the backbone and the depth decoder (q/k/v, o, gate, up, down),
-the projection and both heads in low precision and compute in another dtype (default: the backend policy's
-`quantized_compute_dtype`, float32 on CPU, bfloat16 on accelerators); embeddings and norms are stored in the
-compute dtype.
+the projection and the depth decoder's heads in low precision and compute in another dtype (default: the backend
+policy's `quantized_compute_dtype`, float32 on CPU, bfloat16 on accelerators); embeddings, norms and the kernels
+in `FLOAT_KERNELS` are stored in the compute dtype. That is codebook 0's head, as bitsandbytes leaves a language
+model's head out: 0.35 % of CSM-1B's weights, read once a frame, and the one product whose rounding decides the
+semantic token directly. On the default voice it lifts codebook-0 top-1 agreement with float32 from 96.8 to 97.7 %
+(int8) and from 98.8 to 99.3 % (bf16 weights, float32 compute; `bench/precision_bench.py`).
 - int8: `q` plus float32 scales `s` per output channel (symmetric: s = max|w| / 127 over the input dimension,
   q = round(w / s)), stored next to it as `<name>_scale` (`kernel_scale` inside a Linear). The model multiplies by
   int8 -> compute dtype and applies the scale to the float32 accumulator (`llama.linear`), so XLA fuses the
   dequantisation into the product.
 - bf16: the kernels rounded to bfloat16, read as the compute dtype inside each product. Computing in float32 halves
   the weight bytes a decode step reads while the products' inputs keep float32 precision: codebook-0 top-1 agrees
-  with float32 on 98.8 % of the default voice's rows against 98.1 % with bf16 compute (session 20's checkpoint:
-  99.4 against 98.8 %; `bench/precision_bench.py`). An accelerator option: XLA:CPU widens bf16 slowly (10x slower than float32 there).
-A tree's mode is told apart by its parameters alone (`quantization`): the checkpoint format (`save_converted`) and
-`CsmConfig` are unchanged.
+  with float32 on 99.3 % of the default voice's rows against 98.1 % with bf16 compute. An accelerator option:
+  XLA:CPU widens bf16 slowly (10x slower than float32 there).
+A tree's mode is told apart by its parameters alone (`quantization`), and which kernels it left in the compute dtype
+too (`float_kernels`); converted checkpoints record both (`weights.save_converted`), those converted before
+`FLOAT_KERNELS` existed (every kernel quantised) load as they were saved. `CsmConfig` is unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from csm_jax.csm.config import CsmConfig
 MODES = ("int8", "bf16")
 SCALE_SUFFIX = "_scale"
 _TOP_LEVEL = ("projection", "codebook0_head", "audio_head")  # Csm's own kernels; the stacks' are named `kernel`
+FLOAT_KERNELS = ("codebook0_head",)  # kernels (paths joined by "/") weight-only modes leave in the compute dtype
 
 
 def is_kernel(path: tuple[str, ...]) -> bool:
@@ -49,9 +54,21 @@ def quantization(params: Any) -> str | None:
     flat = flax.traverse_util.flatten_dict(params)
     if any(p[-1].endswith(SCALE_SUFFIX) for p in flat):
         return "int8"
-    kernels = {v.dtype for p, v in flat.items() if is_kernel(p)}
+    kernels = {v.dtype for p, v in flat.items() if is_kernel(p) and "/".join(p) not in FLOAT_KERNELS}
     others = {v.dtype for p, v in flat.items() if not is_kernel(p)}
     return "bf16" if kernels == {jnp.dtype(jnp.bfloat16)} and kernels != others else None
+
+
+def float_kernels(params: Any) -> tuple[str, ...]:
+    """The kernels (paths joined by "/") a weight-only tree holds in the compute dtype: an int8 tree's kernels
+    without scales, a bf16 tree's kernels not in bfloat16; () for a float tree."""
+    mode = quantization(params)
+    if mode is None:
+        return ()
+    flat = flax.traverse_util.flatten_dict(params)
+    if mode == "int8":
+        return tuple("/".join(p) for p in flat if is_kernel(p) and (*p[:-1], p[-1] + SCALE_SUFFIX) not in flat)
+    return tuple("/".join(p) for p, v in flat.items() if is_kernel(p) and v.dtype != jnp.bfloat16)
 
 
 def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -77,12 +94,13 @@ def cast_params(params: Any, dtype: Any) -> Any:
     return flax.traverse_util.unflatten_dict(out)
 
 
-def quantize_params(params: Any, cfg: CsmConfig, mode: str = "int8", dtype: str | None = None
-                    ) -> tuple[Any, CsmConfig]:
+def quantize_params(params: Any, cfg: CsmConfig, mode: str = "int8", dtype: str | None = None,
+                    keep: tuple[str, ...] = FLOAT_KERNELS) -> tuple[Any, CsmConfig]:
     """Float CSM params -> (params with `mode` kernels (int8 + per-output-channel scales, or bf16), config). The
-    other parameters are stored in the compute dtype: `dtype`, default the backend policy's
-    `quantized_compute_dtype` (float32 on CPU, bfloat16 on accelerators; see `csm_jax.backend`); the returned
-    config computes in it. A tree already in `mode` is only cast; an int8 tree cannot become bf16."""
+    other parameters, and the kernels named in `keep`, are stored in the compute dtype: `dtype`, default the
+    backend policy's `quantized_compute_dtype` (float32 on CPU, bfloat16 on accelerators; see `csm_jax.backend`);
+    the returned config computes in it. A tree already int8 is only cast (its kernels stay as they are); an int8
+    tree cannot become bf16."""
     if mode not in MODES:
         raise ValueError(f"unknown quantisation {mode!r}; supported: {list(MODES)}")
     dtype = dtype or backend.current().quantized_compute_dtype
@@ -96,7 +114,7 @@ def quantize_params(params: Any, cfg: CsmConfig, mode: str = "int8", dtype: str 
     flat = flax.traverse_util.flatten_dict(params)
     out = {}
     for path, value in flat.items():
-        if not is_kernel(path):
+        if not is_kernel(path) or "/".join(path) in keep:
             out[path] = value if value.dtype == cfg.compute_dtype else value.astype(cfg.compute_dtype)
         elif mode == "int8":
             out[path], out[(*path[:-1], path[-1] + SCALE_SUFFIX)] = quantize_int8(value)
@@ -105,10 +123,10 @@ def quantize_params(params: Any, cfg: CsmConfig, mode: str = "int8", dtype: str 
     return flax.traverse_util.unflatten_dict(out), cfg
 
 
-def abstract_quantized(abstract: Any, cfg: CsmConfig, mode: str) -> Any:
+def abstract_quantized(abstract: Any, cfg: CsmConfig, mode: str, keep: tuple[str, ...] = FLOAT_KERNELS) -> Any:
     """The ShapeDtypeStruct tree `quantize_params` makes in `mode` from float params shaped like `abstract`,
-    computing in `cfg.dtype` (what a converted checkpoint in that mode holds)."""
-    return jax.eval_shape(lambda p: quantize_params(p, cfg, mode, cfg.dtype)[0], abstract)
+    computing in `cfg.dtype` and keeping `keep` (what a converted checkpoint in that mode holds)."""
+    return jax.eval_shape(lambda p: quantize_params(p, cfg, mode, cfg.dtype, keep)[0], abstract)
 
 
 def boxed_like(boxed: Any, params: Any) -> Any:

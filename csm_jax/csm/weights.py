@@ -38,6 +38,7 @@ HUB_FILES = ("config.json", "model.safetensors", GENERATION_CONFIG, "tokenizer.j
 # older ones (no such entry: separate [in, out] kernels) are re-mapped on load.
 LAYOUT_KEY, LAYOUT = "csm_param_layout", "qkv_out_in"
 QUANTIZE_KEY = "csm_weight_quantization"  # the kernels' weight-only mode, "int8" or "bf16" (csm.quantize)
+FLOAT_KERNELS_KEY = "csm_float_kernels"  # the kernels that mode left in the compute dtype; absent: none
 _HF_AUDIO_KEYS = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
 
 
@@ -151,7 +152,8 @@ def load_csm_params(path: str | Path, config: CsmConfig | None = None) -> tuple[
             if meta.get(QUANTIZE_KEY) is not None:  # int8 or bf16 kernels, restored as saved (no re-quantising)
                 if meta[QUANTIZE_KEY] not in quantize.MODES:
                     raise CheckpointError(f"{path}: unknown weight quantisation {meta[QUANTIZE_KEY]!r}")
-                abstract = quantize.abstract_quantized(abstract, cfg, meta[QUANTIZE_KEY])
+                abstract = quantize.abstract_quantized(abstract, cfg, meta[QUANTIZE_KEY],
+                                                       tuple(meta.get(FLOAT_KERNELS_KEY, ())))
             return checkpoint.restore(path, abstract), cfg
         # converted before the current layout (no layout entry): separate [in, out] kernels, mapped as a
         # transformers checkpoint would be
@@ -182,6 +184,7 @@ def save_converted(path: str | Path, params: Mapping[str, Any], cfg: CsmConfig) 
     mode = quantize.quantization(params)
     if mode is not None:
         meta[QUANTIZE_KEY] = mode
+        meta[FLOAT_KERNELS_KEY] = list(quantize.float_kernels(params))
     meta_file.write_text(json.dumps(meta, indent=2))
     return path
 

@@ -20,7 +20,7 @@ class ModelConfig:
     codec: str | None = None
     num_codebooks: int | None = None
     dtype: str | None = None
-    quantize: str | None = None  # int8 | bf16: weight-only projections and heads (csm_jax.csm.quantize)
+    quantize: str | None = None  # int8 | bf16: weight-only projections and audio heads (csm_jax.csm.quantize)
     random_seed: int | None = None  # serve the tiny random model with this seed (csm_jax.default_model)
 
 
