@@ -157,6 +157,8 @@ def wide() -> tuple[dict, CsmConfig, np.ndarray, np.ndarray, np.ndarray]:
 def variant(params: dict, cfg: CsmConfig, name: str) -> tuple[dict, CsmConfig]:
     if name == "bf16":
         return quantize.cast_params(params, "bfloat16"), cfg.replace(dtype="bfloat16")
+    if name == "int8_every":  # codebook 0's head quantised too (what int8 did before FLOAT_KERNELS)
+        return quantize.quantize_params(params, cfg, "int8", "float32", keep=())
     mode, compute = {"bf16_f32": ("bf16", "float32"), "int8": ("int8", "float32"),
                      "int8_bf16": ("int8", "bfloat16")}[name]
     return quantize.quantize_params(params, cfg, mode, compute)
@@ -167,7 +169,7 @@ def quality(wide) -> dict[str, tuple[float, float, float]]:
     """name -> (max abs error, mean abs error, top-1 agreement) of codebook-0 logits vs float32."""
     params, cfg, tokens, mask, ref = wide
     out = {}
-    for name in ("bf16", "bf16_f32", "int8", "int8_bf16"):
+    for name in ("bf16", "bf16_f32", "int8", "int8_bf16", "int8_every"):
         p, c = variant(params, cfg, name)
         got = c0_logits(p, c, tokens, mask)
         assert got.dtype == np.float32  # fp32 logits whatever the weights
@@ -184,6 +186,8 @@ def test_low_precision_logit_error(wide, quality) -> None:
     assert all(top1 > 0.9 for _, _, top1 in quality.values())
     # bf16 weights read by float32 products err less than bf16 products (the inputs keep their precision)
     assert quality["bf16_f32"][1] < 0.8 * quality["bf16"][1]
+    # codebook 0's head kept float32 removes its share of the int8 error
+    assert quality["int8"][1] < quality["int8_every"][1]
 
 
 def test_bf16_rounds_only_the_products_inputs() -> None:
