@@ -1,5 +1,5 @@
-"""Sharded generation (8 CPU devices: requests over `data`, heads/MLP over `tensor`) equals unsharded, and
-batched generation equals the same requests run one by one."""
+"""Sharded generation (8 CPU devices: requests over `data`, heads/MLP over `tensor`; float32 and int8 weights) equals
+unsharded, and batched generation equals the same requests run one by one."""
 
 from __future__ import annotations
 
@@ -57,3 +57,23 @@ def test_sharded_equals_unsharded_and_batched_equals_single(shape, tmp_path_fact
     for i in range(len(tokens)):
         single = gen.generate_codes(tokens[i], mask[i], 10, temperature=0.9, top_k=5, seed=7 + i)
         np.testing.assert_array_equal(batched[i], single)
+
+
+def test_int8_sharded_equals_unsharded(tmp_path_factory):
+    """int8 weights shard as the float ones do: each scale laid out as its kernel's output channels, codebook 0's
+    head (kept float32) as the float head; sharded generation equals unsharded."""
+    ref = get_reference("tiny", tmp_path_factory)
+    gen = csm_jax.load_csm(ref.hf_dir, quantize="int8", dtype="float32")
+    sharded = csm_jax.load_csm(ref.hf_dir, quantize="int8", dtype="float32", mesh=make_mesh(data=4, tensor=2))
+    cfg = gen.cfg
+    tokens, mask = _prompts(cfg.num_codebooks, cfg.text_vocab_size, cfg.audio_vocab_size, [6, 9, 7, 12], seed=3)
+    for sampling in (dict(top_k=1), dict(temperature=0.9, top_k=5, seed=7)):
+        for a, b in zip(gen.generate_codes(tokens, mask, 10, **sampling),
+                        sharded.generate_codes(tokens, mask, 10, **sampling)):
+            np.testing.assert_array_equal(a, b)
+    params = sharded.engine(4).params
+    gate = params["backbone"]["layers_0"]["mlp"]["gate_proj"]
+    spec = jax.sharding.PartitionSpec
+    assert gate["kernel"].dtype == np.int8 and gate["kernel"].sharding.spec == spec("tensor", None)  # [mlp, embed]
+    assert gate["kernel_scale"].sharding.spec == spec("tensor")  # [mlp]
+    assert params["codebook0_head"].dtype == np.float32 and "codebook0_head_scale" not in params
